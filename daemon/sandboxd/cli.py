@@ -1,0 +1,129 @@
+"""The command line: ``sandboxd [--listen HOST:PORT] [...]``.
+
+``parse_args`` is pure: it turns argv and an environment into a ``Config``. Each field of
+``Config`` is a flag (``--ring-bytes``) with an environment twin (``SANDBOXD_RING_BYTES``);
+a flag beats its variable, and the variable beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import typing
+from collections.abc import Mapping, Sequence
+
+import msgspec
+import trio
+
+from sandboxd import __version__
+from sandboxd.config import Config
+from sandboxd.logs import setup_logging
+from sandboxd.service import Running, make_listen_socket, serve
+
+log = logging.getLogger("sandboxd")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+#: Signals that stop the daemon gracefully.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _fields() -> list[tuple[str, type, str, object]]:
+    """(name, type, help, default) of every Config field, in declaration order."""
+    hints = typing.get_type_hints(Config, include_extras=True)
+    defaults = Config()
+    rows = []
+    for name in Config.__struct_fields__:
+        hint = hints[name]
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+        text = ""
+        for meta in getattr(hint, "__metadata__", ()):
+            if isinstance(meta, msgspec.Meta) and meta.description:
+                text = meta.description
+        rows.append((name, base, text, getattr(defaults, name)))
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser, generated from ``Config``."""
+    parser = argparse.ArgumentParser(
+        prog="sandboxd",
+        description="In-sandbox command daemon: run commands, stream and replay their "
+        "output over WebSocket. Every option also reads SANDBOXD_<NAME> from the "
+        "environment; logs are JSON lines on stderr.",
+    )
+    parser.add_argument("--version", action="version", version=f"sandboxd {__version__}")
+    for name, kind, text, default in _fields():
+        flag = "--" + name.replace("_", "-")
+        env = "SANDBOXD_" + name.upper()
+        help_text = f"{text} (default: {default}; env {env})"
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, type=str, default=None, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """argv and environment -> a validated ``Config``; exits with a usage error if bad."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    values: dict[str, object] = {}
+    for name, kind, _, _ in _fields():
+        given = getattr(args, name)
+        env_value = environ.get("SANDBOXD_" + name.upper())
+        if given is None and env_value is not None:
+            given = env_value
+            if kind is bool:
+                lowered = env_value.strip().lower()
+                if lowered not in _TRUE | _FALSE:
+                    parser.error(f"SANDBOXD_{name.upper()} must be a boolean, got {env_value!r}")
+                given = lowered in _TRUE
+        if given is None:
+            continue
+        values[name] = given
+    try:
+        config = msgspec.convert(values, Config, strict=False)
+        config.listen_host_port()
+    except (msgspec.ValidationError, ValueError) as exc:
+        parser.error(str(exc))
+    return config
+
+
+def _ensure_standard_fds() -> None:
+    """Make sure fds 0-2 are open, so no pipe or socket the daemon makes can take them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+
+
+async def _main(config: Config) -> None:
+    sock = make_listen_socket(config)
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            running: Running = await nursery.start(serve, config, sock)
+            async for signo in signals:
+                log.info("signal received", extra={"signal": signal.Signals(signo).name})
+                running.stop.set()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``sandboxd`` console script and ``python -m sandboxd``."""
+    config = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    setup_logging(config.log_level)
+    _ensure_standard_fds()
+    os.chdir("/")  # commands get their own work dir; the daemon holds no directory
+    try:
+        trio.run(_main, config)
+    except OSError as exc:
+        log.error("cannot start", extra={"error": str(exc), "listen": config.listen})
+        sys.exit(1)

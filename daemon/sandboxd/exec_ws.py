@@ -1,0 +1,230 @@
+"""``GET /execute/ws``: one WebSocket bound to one command session (protocol.md §2).
+
+A connection waits for its binding frame (``execute`` or ``reconnect``), holding any
+control frame that comes first (§2.3.6) and applying it once bound. It then streams
+``started``, the output from its own cursors, and the session's terminal frame, and
+closes with 1000. Meanwhile a receive task applies ``input``, ``close_stdin``, ``kill``,
+``signal`` and ``resize`` as they arrive, so a client that stops reading can still be
+heard, and a disconnect (clean or not) detaches at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from sandboxd import process
+from sandboxd.config import CHUNK_BYTES
+from sandboxd.errors import InvalidRequest, SandboxdError
+from sandboxd.messages import (
+    CloseStdin,
+    ControlMessage,
+    Error,
+    Execute,
+    Gap,
+    Input,
+    Kill,
+    Reconnect,
+    Resize,
+    ServerMessage,
+    Signal,
+    Started,
+    Stderr,
+    Stdout,
+    decode_client,
+    encode_text,
+)
+from sandboxd.session import Attachment, SessionState, Stream
+from sandboxd.supervisor import LiveSession, Supervisor
+
+log = logging.getLogger("sandboxd.exec")
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: Control frames held before the binding frame; more is a misbehaving client.
+MAX_PENDING_CONTROL = 256
+
+
+class ExecConnection:
+    """One accepted ``/execute/ws`` socket."""
+
+    def __init__(self, supervisor: Supervisor, receive: Receive, send: Send, peer: str) -> None:
+        self._supervisor = supervisor
+        self._receive = receive
+        self._asgi_send = send
+        self._peer = peer
+        self._send_lock = trio.Lock()
+        self._bound = trio.Event()
+        self._bind_message: Execute | Reconnect | None = None
+        self._pending: list[ControlMessage] = []
+        self._scope = trio.CancelScope()
+        self.live: LiveSession | None = None
+        self.started_sent = False
+        self._closed = False
+
+    async def run(self) -> None:
+        """Serve the socket until the command's end, an error, or the client leaves."""
+        attachment: Attachment | None = None
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receive_loop)
+                    attachment = await self._bind()
+                    if attachment is not None:
+                        assert self.live is not None
+                        await self._stream(self.live, attachment)
+                    nursery.cancel_scope.cancel()
+        finally:
+            if attachment is not None and self.live is not None:
+                self._supervisor.detach(self.live, attachment)
+
+    async def going_away(self) -> None:
+        """The daemon is stopping: 1001 once ``started`` went out (the SDKs then
+        reattach), a plain 1000 before it (they re-send the same ``execute``)."""
+        await self._close(1001 if self.started_sent else 1000)
+        self._scope.cancel()
+
+    # ---- receiving --------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            event = await self._receive()
+            kind = event["type"]
+            if kind == "websocket.disconnect":
+                self._closed = True
+                self._scope.cancel()
+                return
+            if kind != "websocket.receive":
+                continue
+            text = event.get("text")
+            try:
+                if text is None:
+                    raise InvalidRequest("binary frames are not accepted; send JSON text frames")
+                message = decode_client(text)
+                if isinstance(message, Execute | Reconnect):
+                    if self._bind_message is not None:
+                        raise InvalidRequest("this socket is already bound to a command")
+                    self._bind_message = message
+                    self._bound.set()
+                elif self.live is None:
+                    if len(self._pending) >= MAX_PENDING_CONTROL:
+                        raise InvalidRequest("too many control frames before execute/reconnect")
+                    self._pending.append(message)
+                else:
+                    await self._apply(self.live, message)
+            except SandboxdError as exc:
+                await self._fail(exc)
+                return
+
+    async def _apply(self, live: LiveSession, message: ControlMessage) -> None:
+        match message:
+            case Input(data=data):
+                await live.queue_input(data.encode())
+            case CloseStdin():
+                live.close_input()
+            case Kill():
+                self._supervisor.kill(live)
+            case Signal(signal=value):
+                signo = process.parse_signal(value)
+                if live.status is None:
+                    process.signal_group(live.child.pid, signo)
+            case Resize(cols=cols, rows=rows):
+                live.resize(cols, rows)
+
+    # ---- binding and streaming --------------------------------------------------------
+
+    async def _bind(self) -> Attachment | None:
+        await self._bound.wait()
+        message = self._bind_message
+        assert message is not None
+        supervisor = self._supervisor
+        try:
+            if isinstance(message, Execute):
+                live, created = supervisor.get_or_create(message)
+                offsets = (0, 0)
+            else:
+                live = supervisor.lookup(message.command_id)
+                created = False
+                offsets = (message.stdout_offset, message.stderr_offset)
+        except SandboxdError as exc:
+            log.info(
+                "request refused",
+                extra={"error_type": exc.error_type, "error": exc.message, "peer": self._peer},
+            )
+            await self._fail(exc)
+            return None
+        self.live = live
+        attachment = supervisor.attach(live, *offsets)
+        log.info(
+            "client attached",
+            extra={
+                "command_id": live.command_id,
+                "peer": self._peer,
+                "via": "execute" if created else type(message).__name__.lower(),
+                "stdout_offset": offsets[0],
+                "stderr_offset": offsets[1],
+            },
+        )
+        await self._send(Started(command_id=live.command_id, pid=live.child.pid))
+        self.started_sent = True
+        pending, self._pending = self._pending, []
+        for control in pending:
+            try:
+                await self._apply(live, control)
+            except SandboxdError as exc:
+                await self._fail(exc)
+        return attachment
+
+    async def _stream(self, live: LiveSession, attachment: Attachment) -> None:
+        core = live.core
+        while True:
+            progressed = False
+            for stream in (Stream.STDOUT, Stream.STDERR):
+                result = core.read(attachment, stream, CHUNK_BYTES)
+                if result.gap is not None:
+                    start, end = result.gap
+                    await self._send(Gap(stream=stream.value, from_=start, to=end))
+                    progressed = True
+                if result.data:
+                    text = result.data.decode()
+                    chunk = (
+                        Stdout(data=text, offset=result.offset)
+                        if stream is Stream.STDOUT
+                        else Stderr(data=text, offset=result.offset)
+                    )
+                    await self._send(chunk)
+                    progressed = True
+                if result.gap is not None or result.data:
+                    attachment.advance(stream, result, trio.current_time())
+                    live.notify_consumed()
+            if progressed:
+                continue
+            if core.state is not SessionState.RUNNING and core.caught_up(attachment):
+                await self._send(core.terminal_message())
+                await self._close(1000)
+                return
+            await live.wait_changed()
+            attachment.last_progress = trio.current_time()
+
+    # ---- sending ----------------------------------------------------------------------
+
+    async def _send(self, message: ServerMessage) -> None:
+        async with self._send_lock:
+            if not self._closed:
+                await self._asgi_send({"type": "websocket.send", "text": encode_text(message)})
+
+    async def _close(self, code: int) -> None:
+        async with self._send_lock:
+            if not self._closed:
+                self._closed = True
+                await self._asgi_send({"type": "websocket.close", "code": code})
+
+    async def _fail(self, exc: SandboxdError) -> None:
+        """Answer with an ``error`` frame and close; the command itself is untouched."""
+        await self._send(Error(error_type=exc.error_type, error=exc.message))
+        await self._close(1000)
+        self._scope.cancel()

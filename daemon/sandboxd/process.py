@@ -1,0 +1,347 @@
+"""Spawning commands, the single reaper, signals, and killing whole process trees.
+
+The rules (design.md, "Processes"):
+
+* sandboxd is the only caller of ``wait*()`` in its process: the ``Reaper`` loops
+  ``wait4(-1, WNOHANG)`` on SIGCHLD and on a 1 s safety timer and hands each status to
+  whoever registered the pid. ``trio.Process``, ``subprocess.run`` or ``Popen.wait`` would
+  reap behind its back and steal exit codes.
+* Spawning happens synchronously on the trio thread and the pid is registered before the
+  next checkpoint, so the reaper can never see a pid nobody claims.
+* Children start in a new session (``setsid``), so the command's process group id is its
+  pid; every signal disposition and the signal mask are reset; only fds 0-2 survive (all
+  other fds in this process are close-on-exec, as Python makes them by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import os
+import pwd
+import signal
+import struct
+import subprocess
+import termios
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+import trio
+
+from sandboxd.errors import InvalidRequest, SpawnFailed
+from sandboxd.session import ExitStatus
+
+#: Every catchable classic signal: their dispositions are reset to default in the child,
+#: so a daemon that ignores one (SIGPIPE, as Python does) does not pass that on.
+_DEFAULT_SIGNALS = frozenset(range(1, 32)) - {signal.SIGKILL, signal.SIGSTOP}
+
+#: Variables of the daemon's environment that never reach a command.
+_PRIVATE_ENV_PREFIXES = ("SANDBOXD_", "LISTEN_", "WATCHDOG_")
+_PRIVATE_ENV_NAMES = frozenset({"NOTIFY_SOCKET", "INVOCATION_ID", "JOURNAL_STREAM"})
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnRequest:
+    """What to run and how: ``argv`` in ``cwd`` with exactly ``env``."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    user: str | None = None
+    pty: bool = False
+    close_stdin: bool = False
+    cols: int = 80
+    rows: int = 24
+
+
+@dataclass(eq=False, slots=True)
+class Child:
+    """A started command. ``output_fd`` is the PTY master for a PTY command.
+
+    The fds belong to the caller, which must close them. ``popen`` is kept only so that
+    the reaper can mark it reaped; its wait/poll are never called.
+    """
+
+    pid: int
+    output_fd: int
+    error_fd: int | None
+    input_fd: int | None
+    pty: bool
+    popen: subprocess.Popen[bytes] | None = None
+
+
+def clean_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The daemon's environment minus what is private to it (systemd, sandboxd)."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name not in _PRIVATE_ENV_NAMES and not name.startswith(_PRIVATE_ENV_PREFIXES)
+    }
+
+
+def set_window_size(fd: int, cols: int, rows: int) -> None:
+    """Set a PTY's window size (on the master); the kernel then SIGWINCHes its foreground."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def spawn(request: SpawnRequest) -> Child:
+    """Start ``request`` and return its pid and fds; raises ``SpawnFailed``.
+
+    Must be called on the trio thread, with the pid registered with the reaper before
+    the next checkpoint.
+    """
+    if request.user:
+        return _spawn_as_user(request, _resolve_user(request.user))
+    return _posix_spawn(request)
+
+
+def _posix_spawn(request: SpawnRequest) -> Child:
+    parent_fds: list[int] = []  # ours to keep
+    child_fds: list[int] = []  # closed here after the spawn
+    try:
+        if request.pty:
+            master, slave = os.openpty()
+            parent_fds.append(master)
+            child_fds.append(slave)
+            set_window_size(master, request.cols, request.rows)
+            # With setsid done first, opening the slave by path (no O_NOCTTY) makes it
+            # the child's controlling terminal; dup'ing an inherited fd would not.
+            actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+                (os.POSIX_SPAWN_OPEN, 0, os.ttyname(slave), os.O_RDWR, 0),
+                (os.POSIX_SPAWN_DUP2, 0, 1),
+                (os.POSIX_SPAWN_DUP2, 0, 2),
+            ]
+            output_fd, error_fd, input_fd = master, None, os.dup(master)
+            parent_fds.append(input_fd)
+        else:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            parent_fds += [out_r, err_r]
+            child_fds += [out_w, err_w]
+            if request.close_stdin:
+                input_fd = None
+                actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]
+            else:
+                in_r, input_fd = os.pipe()
+                parent_fds.append(input_fd)
+                child_fds.append(in_r)
+                actions = [(os.POSIX_SPAWN_DUP2, in_r, 0)]
+            actions += [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+            output_fd, error_fd = out_r, err_r
+        # posix_spawn has no chdir action in Python, so the daemon (whose own cwd is
+        # "/" and which uses no relative paths) steps into the work dir for the spawn.
+        try:
+            os.chdir(request.cwd)
+        except OSError as exc:
+            raise SpawnFailed(f"work dir {request.cwd!r}: {exc.strerror}") from None
+        try:
+            pid = os.posix_spawn(
+                request.argv[0],
+                request.argv,
+                request.env,
+                file_actions=actions,
+                setsid=True,
+                setsigmask=(),
+                setsigdef=_DEFAULT_SIGNALS,
+            )
+        except OSError as exc:
+            raise SpawnFailed(f"cannot run {request.argv[0]!r}: {exc.strerror}") from None
+        finally:
+            os.chdir("/")
+    except BaseException:
+        for fd in parent_fds:
+            os.close(fd)
+        raise
+    finally:
+        for fd in child_fds:
+            os.close(fd)
+    return Child(pid, output_fd, error_fd, input_fd, request.pty)
+
+
+@dataclass(frozen=True, slots=True)
+class _User:
+    uid: int
+    gid: int
+    groups: list[int]
+    name: str | None
+    home: str | None
+
+
+def _resolve_user(spec: str) -> _User:
+    """``name``, ``uid``, ``name:group`` or ``uid:gid`` -> ids; raises ``SpawnFailed``."""
+    user_part, _, group_part = spec.partition(":")
+    if not user_part:
+        raise InvalidRequest(f"user {spec!r} names no user")
+    try:
+        entry = pwd.getpwuid(int(user_part)) if user_part.isdigit() else pwd.getpwnam(user_part)
+    except KeyError:
+        if not user_part.isdigit():
+            raise SpawnFailed(f"unknown user {user_part!r}") from None
+        entry = None
+    uid = entry.pw_uid if entry else int(user_part)
+    gid = entry.pw_gid if entry else uid
+    if group_part:
+        try:
+            gid = int(group_part) if group_part.isdigit() else grp.getgrnam(group_part).gr_gid
+        except KeyError:
+            raise SpawnFailed(f"unknown group {group_part!r}") from None
+    if entry is None:
+        return _User(uid, gid, [gid], None, None)
+    return _User(uid, gid, os.getgrouplist(entry.pw_name, gid), entry.pw_name, entry.pw_dir)
+
+
+def _spawn_as_user(request: SpawnRequest, user: _User) -> Child:
+    """Start as another user through ``Popen`` (its C child does setgroups/setgid/setuid).
+
+    A PTY started this way is the command's stdio but not its controlling terminal.
+    """
+    env = dict(request.env)
+    if user.name and "USER" not in env:
+        env["USER"] = env["LOGNAME"] = user.name
+    mine: list[int] = []
+    theirs: list[int] = []
+    try:
+        if request.pty:
+            master, slave = os.openpty()
+            mine.append(master)
+            theirs.append(slave)
+            set_window_size(master, request.cols, request.rows)
+            stdin: int = slave
+            stdout: int = slave
+            stderr: int = slave
+            output_fd, error_fd, input_fd = master, None, os.dup(master)
+            mine.append(input_fd)
+        else:
+            out_r, stdout = os.pipe()
+            err_r, stderr = os.pipe()
+            mine += [out_r, err_r]
+            theirs += [stdout, stderr]
+            if request.close_stdin:
+                stdin, input_fd = subprocess.DEVNULL, None
+            else:
+                stdin, input_fd = os.pipe()
+                mine.append(input_fd)
+                theirs.append(stdin)
+            output_fd, error_fd = out_r, err_r
+        try:
+            popen = subprocess.Popen(
+                request.argv,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=request.cwd,
+                env=env,
+                user=user.uid,
+                group=user.gid,
+                extra_groups=user.groups,
+                start_new_session=True,
+                close_fds=True,
+                restore_signals=True,
+            )
+        except OSError as exc:
+            raise SpawnFailed(f"cannot start as {user.uid}: {exc}") from None
+    except BaseException:
+        for fd in mine:
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+    return Child(popen.pid, output_fd, error_fd, input_fd, request.pty, popen)
+
+
+def exit_status(status: int, usage: object) -> ExitStatus:
+    """A ``wait4`` result as an ``ExitStatus``: 128+N for a death by signal N."""
+    cpu = float(getattr(usage, "ru_utime", 0.0)) + float(getattr(usage, "ru_stime", 0.0))
+    rss = int(getattr(usage, "ru_maxrss", 0)) * 1024  # Linux reports KiB
+    if os.WIFSIGNALED(status):
+        signo = os.WTERMSIG(status)
+        return ExitStatus(128 + signo, signo, cpu, rss)
+    return ExitStatus(os.waitstatus_to_exitcode(status), None, cpu, rss)
+
+
+class Reaper:
+    """The one place that waits for children; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._owners: dict[int, Callable[[ExitStatus], None]] = {}
+        self._popens: dict[int, subprocess.Popen[bytes]] = {}
+        self.orphans_reaped = 0
+
+    def watch(self, child: Child, on_exit: Callable[[ExitStatus], None]) -> None:
+        """Call ``on_exit`` (on the trio thread) when ``child`` is reaped."""
+        self._owners[child.pid] = on_exit
+        if child.popen is not None:
+            self._popens[child.pid] = child.popen
+
+    @property
+    def watched(self) -> int:
+        """How many children are still awaited."""
+        return len(self._owners)
+
+    def reap_all(self) -> None:
+        """Collect every child that has exited; never blocks."""
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            popen = self._popens.pop(pid, None)
+            result = exit_status(status, usage)
+            if popen is not None:
+                popen.returncode = result.code
+            owner = self._owners.pop(pid, None)
+            if owner is None:
+                self.orphans_reaped += 1
+            else:
+                owner(result)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reap on every SIGCHLD, and once a second in case one was coalesced or missed."""
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            task_status.started()
+            while True:
+                self.reap_all()
+                with trio.move_on_after(1.0):
+                    await signals.__anext__()
+
+
+def kill_tree(pid: int, signo: int = signal.SIGKILL) -> None:
+    """Signal the process group led by ``pid`` and every descendant still linked to it.
+
+    Descendants are listed before the group is signalled, so that children which left
+    the group (``setsid``) but are still below the leader are found too.
+    """
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signo)
+    for process in descendants:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signo)
+
+
+def signal_group(pid: int, signo: int) -> None:
+    """Send ``signo`` to the command's process group (gone already: nothing happens)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signo)
+
+
+def parse_signal(value: str | int) -> int:
+    """``"INT"``, ``"SIGINT"``, ``"int"`` or ``2`` -> 2; raises ``InvalidRequest``."""
+    if isinstance(value, int):
+        if value in signal.valid_signals() and value != 0:
+            return value
+        raise InvalidRequest(f"no signal numbered {value}")
+    name = value.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise InvalidRequest(f"unknown signal {value!r}") from None

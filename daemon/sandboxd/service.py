@@ -1,0 +1,116 @@
+"""Running the whole daemon inside a trio task: reaper, supervisor, HTTP server.
+
+``cli.py`` calls ``serve`` with a socket it made; tests call it the same way to get a
+real server on a real port inside their own nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+
+from sandboxd import process, wsoptions
+from sandboxd.config import Config
+from sandboxd.server import App
+from sandboxd.supervisor import Supervisor
+
+log = logging.getLogger("sandboxd")
+
+
+def make_listen_socket(config: Config) -> socket.socket:
+    """The listening socket, made here so that it is close-on-exec.
+
+    (hypercorn's own socket creation marks it inheritable, and every command would then
+    hold the daemon's port.)
+    """
+    host, port = config.listen_host_port()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+@dataclass
+class Running:
+    """A daemon started by ``serve``: where it listens, and how to stop it."""
+
+    address: str
+    app: App
+    supervisor: Supervisor
+    stop: trio.Event
+
+
+def _hypercorn_config(config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("sandboxd.http")
+    hc.websocket_max_message_size = config.ws_max_message_bytes
+    hc.graceful_timeout = 2.0
+    return hc
+
+
+async def serve(
+    config: Config,
+    sock: socket.socket,
+    *,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``Running.stop`` is set, then stop gracefully.
+
+    A graceful stop refuses new upgrades (503), SIGTERMs every command, SIGKILLs what is
+    left after ``config.stop_grace``, lets attached clients receive their commands'
+    last output and exit, and closes what is still open with 1001.
+    """
+    wsoptions.set_compression(config.ws_compression)
+    host, port = sock.getsockname()[:2]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reaper = process.Reaper()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)
+        async with trio.open_nursery() as sessions_nursery:
+            supervisor = Supervisor(config, reaper, sessions_nursery)
+            app = App(supervisor)
+            stop = trio.Event()
+            server_stopped = trio.Event()
+            server_done = trio.Event()
+
+            async def run_server() -> None:
+                try:
+                    await worker_serve(
+                        ASGIWrapper(app),  # type: ignore[arg-type]  # raw dict-typed ASGI
+                        _hypercorn_config(config),
+                        sockets=Sockets([], [sock], []),
+                        shutdown_trigger=server_stopped.wait,
+                    )
+                finally:
+                    server_done.set()
+
+            nursery.start_soon(run_server)
+            log.info("listening", extra={"address": address})
+            task_status.started(Running(address, app, supervisor, stop))
+            await stop.wait()
+            log.info("stopping", extra={"sessions": len(supervisor.sessions)})
+            await supervisor.stop_all(config.stop_grace)
+            with trio.move_on_after(1.0):  # clients still reading their commands' ends
+                await app.wait_no_connections()
+            await app.going_away()
+            server_stopped.set()
+            with trio.move_on_after(3.0):
+                await server_done.wait()
+            sessions_nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+    log.info("stopped")

@@ -1,0 +1,289 @@
+"""The command session as data: states, timers, attachments, and the effects they ask for.
+
+Nothing here acts. Methods take ``now`` and return effects (``KillTree``, ``Expire``) that
+the supervisor carries out. The rules:
+
+* A session is RUNNING from spawn until its leader is reaped *and* its output is drained;
+  then FINISHED; when its TTL runs out, EXPIRED (removed from the registry).
+
+      RUNNING --finish--> FINISHED --expire--> EXPIRED
+
+  Any other move raises ``IllegalTransition`` and changes nothing.
+* ``timeout_seconds`` > 0 kills the command that long after it started (0 = no deadline).
+* ``idle_timeout_seconds`` > 0 kills a command that has had no client attached for that
+  long. The clock starts when the last client leaves and stops when one attaches. -1 and 0
+  both mean never (0 as for ``timeout_seconds``: no limit).
+* ``kill_on_disconnect`` kills the command when its last client leaves.
+* ``ttl_seconds`` >= 0 keeps a finished session that long after it finished (0: it goes at
+  once, though clients already attached still read it to the end); -1 keeps it forever.
+* A kill asked for while one is already under way changes nothing: the first reason is
+  the one reported.
+"""
+
+from __future__ import annotations
+
+import math
+import signal as signal_module
+from dataclasses import dataclass, field
+from enum import Enum
+
+from sandboxd.messages import Error, Exit
+from sandboxd.ringbuffer import ReadResult, RingBuffer
+
+
+class SessionState(Enum):
+    """Where a session is in its life."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    EXPIRED = "expired"
+
+
+class EndReason(Enum):
+    """Why a command ended, as reported in the ``exit`` frame's ``reason``."""
+
+    EXITED = "exited"
+    KILLED = "killed"
+    TIMEOUT = "timeout"
+    IDLE = "idle"
+    DISCONNECT = "disconnect"
+    SHUTDOWN = "shutdown"
+
+
+class Stream(Enum):
+    """The two output streams of a command (a PTY command has only stdout)."""
+
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+class IllegalTransition(Exception):
+    """A state change the table does not allow."""
+
+
+_TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
+    (SessionState.RUNNING, "finish"): SessionState.FINISHED,
+    (SessionState.FINISHED, "expire"): SessionState.EXPIRED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """How the command's leader process ended, as the reaper saw it."""
+
+    code: int  # exit status, or 128+N for a death by signal N
+    signal: int | None = None
+    cpu_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lifetimes:
+    """The timer settings of one command (see the module docstring)."""
+
+    timeout_seconds: int = 60
+    idle_timeout_seconds: int = 300
+    ttl_seconds: int = 600
+    kill_on_disconnect: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KillTree:
+    """Effect: SIGKILL the command's process group and every descendant."""
+
+    reason: EndReason
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """Effect: the session's TTL ran out; drop it from the registry."""
+
+
+Effect = KillTree | Expire
+
+
+@dataclass(eq=False, slots=True)
+class Attachment:
+    """One attached client: its own cursor in each stream."""
+
+    stdout_cursor: int
+    stderr_cursor: int
+    last_progress: float
+
+    def cursor(self, stream: Stream) -> int:
+        """The next byte this client wants from ``stream``."""
+        return self.stdout_cursor if stream is Stream.STDOUT else self.stderr_cursor
+
+    def advance(self, stream: Stream, result: ReadResult, now: float) -> None:
+        """Move past ``result``, which was just delivered."""
+        end = result.offset + len(result.data)
+        if stream is Stream.STDOUT:
+            self.stdout_cursor = end
+        else:
+            self.stderr_cursor = end
+        self.last_progress = now
+
+
+@dataclass(eq=False)
+class Session:
+    """One command's session: its lifecycle, its output rings and its attached clients."""
+
+    command_id: str
+    pid: int
+    lifetimes: Lifetimes
+    stdout: RingBuffer
+    stderr: RingBuffer
+    started_at: float
+    stall_seconds: float = 5.0
+    state: SessionState = SessionState.RUNNING
+    attachments: list[Attachment] = field(default_factory=list)
+    idle_since: float | None = None
+    kill_reason: EndReason | None = None
+    status: ExitStatus | None = None
+    end_reason: EndReason | None = None
+    ended_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.idle_since is None:
+            self.idle_since = self.started_at
+
+    # ---- transitions ------------------------------------------------------------
+
+    def _move(self, event: str) -> None:
+        try:
+            self.state = _TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise IllegalTransition(f"{event!r} in state {self.state.name}") from None
+
+    def finish(self, now: float, status: ExitStatus) -> list[Effect]:
+        """The leader was reaped and the output drained: the session is finished."""
+        self._move("finish")
+        self.status = status
+        self.ended_at = now
+        killed_by_us = self.kill_reason is not None and status.signal is not None
+        self.end_reason = self.kill_reason if killed_by_us else EndReason.EXITED
+        return self._expire_if_due(now)
+
+    def request_kill(self, reason: EndReason) -> list[Effect]:
+        """Kill the running command (a client's ``kill``, a shutdown); no-op otherwise."""
+        if self.state is not SessionState.RUNNING or self.kill_reason is not None:
+            return []
+        self.kill_reason = reason
+        return [KillTree(reason)]
+
+    # ---- clients ----------------------------------------------------------------
+
+    def attach(self, now: float, stdout_offset: int = 0, stderr_offset: int = 0) -> Attachment:
+        """A client attached; the idle clock stops."""
+        attachment = Attachment(stdout_offset, stderr_offset, now)
+        self.attachments.append(attachment)
+        self.idle_since = None
+        return attachment
+
+    def detach(self, attachment: Attachment, now: float) -> list[Effect]:
+        """A client left (cleanly or not); the last one leaving may end the command."""
+        if attachment in self.attachments:
+            self.attachments.remove(attachment)
+        if self.attachments:
+            return []
+        self.idle_since = now
+        if self.lifetimes.kill_on_disconnect:
+            return self.request_kill(EndReason.DISCONNECT)
+        return []
+
+    def ring(self, stream: Stream) -> RingBuffer:
+        """The output ring of ``stream``."""
+        return self.stdout if stream is Stream.STDOUT else self.stderr
+
+    def read(self, attachment: Attachment, stream: Stream, max_bytes: int) -> ReadResult:
+        """The next output this client should get from ``stream``."""
+        return self.ring(stream).read_from(attachment.cursor(stream), max_bytes)
+
+    def caught_up(self, attachment: Attachment) -> bool:
+        """Whether the client has everything buffered so far in both streams."""
+        return (
+            attachment.stdout_cursor >= self.stdout.end
+            and attachment.stderr_cursor >= self.stderr.end
+        )
+
+    def may_read(self, stream: Stream, now: float, chunk: int) -> bool:
+        """Whether reading ``chunk`` more bytes from the child keeps the leading client whole.
+
+        Output is paced by the most advanced client that is still taking output: the
+        child is read only while that client would lose nothing to eviction. Clients that
+        have taken nothing for ``stall_seconds`` do not pace; with none left, the ring
+        evicts and the command never waits.
+        """
+        ring = self.ring(stream)
+        leader = -1
+        for attachment in self.attachments:
+            if now - attachment.last_progress < self.stall_seconds:
+                leader = max(leader, attachment.cursor(stream))
+        if leader < 0:
+            return True
+        return ring.end - leader + chunk <= ring.capacity
+
+    # ---- timers -----------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        """The earliest time at which ``on_timer`` has something to do (inf: never)."""
+        lt = self.lifetimes
+        if self.state is SessionState.RUNNING and self.kill_reason is None:
+            deadline = math.inf
+            if lt.timeout_seconds > 0:
+                deadline = self.started_at + lt.timeout_seconds
+            if lt.idle_timeout_seconds > 0 and self.idle_since is not None:
+                deadline = min(deadline, self.idle_since + lt.idle_timeout_seconds)
+            return deadline
+        if self.state is SessionState.FINISHED and lt.ttl_seconds >= 0:
+            assert self.ended_at is not None
+            return self.ended_at + lt.ttl_seconds
+        return math.inf
+
+    def on_timer(self, now: float) -> list[Effect]:
+        """Fire whatever deadline ``now`` has reached."""
+        lt = self.lifetimes
+        if self.state is SessionState.RUNNING and self.kill_reason is None:
+            if lt.timeout_seconds > 0 and now >= self.started_at + lt.timeout_seconds:
+                return self.request_kill(EndReason.TIMEOUT)
+            idle = lt.idle_timeout_seconds
+            if idle > 0 and self.idle_since is not None and now >= self.idle_since + idle:
+                return self.request_kill(EndReason.IDLE)
+            return []
+        return self._expire_if_due(now)
+
+    def _expire_if_due(self, now: float) -> list[Effect]:
+        if self.state is not SessionState.FINISHED or self.lifetimes.ttl_seconds < 0:
+            return []
+        assert self.ended_at is not None
+        if now >= self.ended_at + self.lifetimes.ttl_seconds:
+            self._move("expire")
+            return [Expire()]
+        return []
+
+    # ---- reporting --------------------------------------------------------------
+
+    def terminal_message(self) -> Exit | Error:
+        """The frame that ends every client's stream: ``exit``, or ``error`` on timeout."""
+        assert self.status is not None and self.end_reason is not None
+        if self.end_reason is EndReason.TIMEOUT:
+            return Error(
+                error_type="CommandTimeout",
+                error=f"Command timed out after {self.lifetimes.timeout_seconds} seconds",
+            )
+        status = self.status
+        return Exit(
+            exit_code=status.code,
+            signal=signal_name(status.signal) if status.signal is not None else None,
+            reason=self.end_reason.value,
+            cpu_seconds=round(status.cpu_seconds, 6),
+            peak_rss_bytes=status.peak_rss_bytes,
+        )
+
+
+def signal_name(signo: int) -> str:
+    """``9`` -> ``"KILL"``; an unnamed number stays a number in text."""
+    try:
+        return signal_module.Signals(signo).name.removeprefix("SIG")
+    except ValueError:
+        return str(signo)

@@ -1,0 +1,400 @@
+"""The session registry and everything that runs on behalf of a session.
+
+Per session, one task (``_supervise``) owns the child's fds: it pumps stdout and stderr
+through the UTF-8 sanitiser into the rings, writes queued stdin, keeps one deadline scope
+for the session's timers, and carries out the effects the core (``session.py``) returns.
+Clients never touch fds: they read rings through their own ``Attachment``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import trio
+
+from sandboxd import process
+from sandboxd.config import CHUNK_BYTES, Config
+from sandboxd.errors import CommandNotFound, ServerShuttingDown, SessionExpired, TooManySessions
+from sandboxd.messages import Execute, validate_execute
+from sandboxd.ringbuffer import BufferPool
+from sandboxd.session import (
+    Attachment,
+    EndReason,
+    ExitStatus,
+    Expire,
+    KillTree,
+    Lifetimes,
+    Session,
+    SessionState,
+    Stream,
+)
+from sandboxd.utf8 import Utf8Sanitizer
+
+log = logging.getLogger("sandboxd.supervisor")
+
+#: Input queued for a command's stdin beyond which the sending client waits.
+STDIN_BUFFER_CAP = 1024 * 1024
+#: How many expired ids are remembered, to answer SessionExpired rather than CommandNotFound.
+EXPIRED_IDS_KEPT = 100_000
+
+
+class LiveSession:
+    """The trio side of one session: its child, its wake-ups and its stdin queue."""
+
+    def __init__(self, core: Session, child: process.Child, command: str) -> None:
+        self.core = core
+        self.child = child
+        self.command = command
+        self.started_wall = time.time()
+        self.ended_wall: float | None = None
+        self.status: ExitStatus | None = None
+        self.reaped = trio.Event()
+        self.expired = trio.Event()
+        self._changed = trio.Event()
+        self._consumed = trio.Event()
+        self._stdin = bytearray()
+        self._stdin_closing = child.input_fd is None
+        self._stdin_event = trio.Event()
+        self._terminal_open = child.pty
+        self.timer_scope: trio.CancelScope | None = None
+
+    @property
+    def command_id(self) -> str:
+        """The session's key."""
+        return self.core.command_id
+
+    # ---- wake-ups ---------------------------------------------------------------
+
+    def notify_changed(self) -> None:
+        """New output or a new state: wake every attached client."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Sleep until ``notify_changed``."""
+        await self._changed.wait()
+
+    def notify_consumed(self) -> None:
+        """A client took output: wake a reader that is pacing the child."""
+        self._consumed.set()
+        self._consumed = trio.Event()
+
+    def reschedule(self) -> None:
+        """Point the timer scope at the core's next deadline."""
+        if self.timer_scope is not None:
+            self.timer_scope.deadline = self.core.next_deadline()
+
+    def on_reaped(self, status: ExitStatus) -> None:
+        """Called by the reaper."""
+        self.status = status
+        self.reaped.set()
+
+    # ---- stdin ------------------------------------------------------------------
+
+    async def queue_input(self, data: bytes) -> None:
+        """Queue bytes for stdin; waits while too much is queued. Dropped once closed."""
+        while len(self._stdin) > STDIN_BUFFER_CAP and not self._stdin_closing:
+            await self.wait_changed()
+        if self._stdin_closing:
+            log.debug("input after stdin closed ignored", extra={"command_id": self.command_id})
+            return
+        self._stdin += data
+        self._stdin_event.set()
+
+    def close_input(self) -> None:
+        """Half-close stdin once the queued input is written (ignored under a PTY)."""
+        if not self.child.pty:
+            self.end_input()
+
+    def end_input(self) -> None:
+        """No more input will come: the command finished (PTY or not)."""
+        self._stdin_closing = True
+        self._stdin_event.set()
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set a PTY command's window size; nothing for pipes or once its terminal closed."""
+        if self.child.pty and self._terminal_open:
+            assert self.child.input_fd is not None
+            process.set_window_size(self.child.input_fd, cols, rows)
+
+    async def write_stdin(self) -> None:
+        """Write queued input to the child until stdin is closed or the child stops reading."""
+        assert self.child.input_fd is not None
+        stream = trio.lowlevel.FdStream(self.child.input_fd)
+        try:
+            while True:
+                if self._stdin:
+                    data = bytes(self._stdin)
+                    self._stdin.clear()
+                    self.notify_changed()  # wakes queue_input waiters
+                    await stream.send_all(data)
+                elif self._stdin_closing:
+                    return
+                else:
+                    await self._stdin_event.wait()
+                    self._stdin_event = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the child closed its stdin; what it did not read is dropped
+        finally:
+            self._stdin_closing = True
+            self._terminal_open = False
+            self._stdin.clear()
+            stream.close()
+
+    # ---- output -----------------------------------------------------------------
+
+    async def pump(self, stream: Stream, fd: int, stall_seconds: float) -> None:
+        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF)."""
+        ring = self.core.ring(stream)
+        sanitizer = Utf8Sanitizer()
+        source = trio.lowlevel.FdStream(fd)
+        try:
+            while True:
+                while not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
+                    with trio.move_on_after(stall_seconds):
+                        await self._consumed.wait()
+                try:
+                    data = await source.receive_some(CHUNK_BYTES)
+                except trio.BrokenResourceError:
+                    break  # EIO: every holder of the PTY slave is gone
+                if not data:
+                    break
+                clean = sanitizer.feed(data)
+                if clean:
+                    ring.append(clean)
+                    self.notify_changed()
+        finally:
+            ring.append(sanitizer.finish())
+            source.close()
+            self.notify_changed()
+
+
+class Supervisor:
+    """Owns every session, keyed by ``command_id``."""
+
+    def __init__(self, config: Config, reaper: process.Reaper, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.reaper = reaper
+        self.pool = BufferPool(config.buffer_cap_bytes)
+        self.sessions: dict[str, LiveSession] = {}
+        self._expired_ids: OrderedDict[str, None] = OrderedDict()
+        self._nursery = nursery
+        self.shutting_down = False
+        self._base_env = process.clean_environment(os.environ)
+        self._home = config.home if os.path.isdir(config.home) else "/"
+
+    # ---- lookup and creation ------------------------------------------------------
+
+    def lookup(self, command_id: str) -> LiveSession:
+        """The session under ``command_id``; raises CommandNotFound / SessionExpired."""
+        live = self.sessions.get(command_id)
+        if live is not None:
+            return live
+        if command_id in self._expired_ids:
+            raise SessionExpired(f"Session expired: {command_id}")
+        raise CommandNotFound(f"Command not found: {command_id}")
+
+    def get_or_create(self, msg: Execute) -> tuple[LiveSession, bool]:
+        """The session under ``msg.command_id``, started now if unknown.
+
+        Synchronous from the check to the registration, so two executes with one id can
+        never spawn twice. Raises ``InvalidRequest``, ``SpawnFailed``, ``TooManySessions``.
+        """
+        validate_execute(msg)
+        if msg.command_id is not None and msg.command_id in self.sessions:
+            return self.sessions[msg.command_id], False
+        if self.shutting_down:
+            raise ServerShuttingDown("sandboxd is shutting down")
+        if len(self.sessions) >= self.config.max_sessions:
+            raise TooManySessions(
+                f"{len(self.sessions)} sessions are live, the cap (--max-sessions) is reached"
+            )
+        command_id = msg.command_id or uuid.uuid4().hex
+        child = process.spawn(self._spawn_request(msg))
+        now = trio.current_time()
+        core = Session(
+            command_id=command_id,
+            pid=child.pid,
+            lifetimes=Lifetimes(
+                timeout_seconds=msg.timeout_seconds,
+                idle_timeout_seconds=msg.idle_timeout_seconds,
+                ttl_seconds=msg.ttl_seconds,
+                kill_on_disconnect=msg.kill_on_disconnect,
+            ),
+            stdout=self.pool.ring(self.config.ring_bytes),
+            stderr=self.pool.ring(self.config.ring_bytes),
+            started_at=now,
+            stall_seconds=self.config.stall_seconds,
+        )
+        live = LiveSession(core, child, msg.command)
+        self.reaper.watch(child, live.on_reaped)
+        self.sessions[command_id] = live
+        self._expired_ids.pop(command_id, None)
+        self._nursery.start_soon(self._supervise, live)
+        log.info(
+            "command started",
+            extra={"command_id": command_id, "pid": child.pid, "pty": child.pty},
+        )
+        return live, True
+
+    def _spawn_request(self, msg: Execute) -> process.SpawnRequest:
+        env = dict(self._base_env)
+        env.setdefault("HOME", self._home)
+        run_config = msg.run_config
+        extra = (run_config.env_vars if run_config else msg.env) or {}
+        work_dir = (run_config.work_dir if run_config else msg.cwd) or self._home
+        if msg.pty:
+            env["TERM"] = self.config.term
+        env.update(extra)
+        return process.SpawnRequest(
+            argv=[msg.shell, "-c", msg.command],
+            env=env,
+            cwd=work_dir,
+            user=run_config.user if run_config else None,
+            pty=msg.pty,
+            close_stdin=msg.close_stdin,
+            cols=self.config.pty_cols,
+            rows=self.config.pty_rows,
+        )
+
+    # ---- clients --------------------------------------------------------------------
+
+    def attach(self, live: LiveSession, stdout_offset: int, stderr_offset: int) -> Attachment:
+        """Attach a client at the given offsets."""
+        attachment = live.core.attach(trio.current_time(), stdout_offset, stderr_offset)
+        live.reschedule()
+        return attachment
+
+    def detach(self, live: LiveSession, attachment: Attachment) -> None:
+        """Detach a client; may kill the command (``kill_on_disconnect``)."""
+        self.apply(live, live.core.detach(attachment, trio.current_time()))
+
+    def kill(self, live: LiveSession, reason: EndReason = EndReason.KILLED) -> None:
+        """Kill the command's whole tree, if it still runs."""
+        self.apply(live, live.core.request_kill(reason))
+
+    def apply(self, live: LiveSession, effects: Iterable[KillTree | Expire]) -> None:
+        """Carry out the core's effects, then re-aim the session's timer."""
+        for effect in effects:
+            if isinstance(effect, KillTree):
+                if live.status is None:  # after the reap the pid may be reused
+                    process.kill_tree(live.child.pid)
+                log.info(
+                    "command killed",
+                    extra={"command_id": live.command_id, "reason": effect.reason.value},
+                )
+            else:
+                live.expired.set()
+        live.reschedule()
+        live.notify_changed()
+
+    # ---- the session task -------------------------------------------------------------
+
+    async def _supervise(self, live: LiveSession) -> None:
+        child = live.child
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_timers, live)
+                if child.input_fd is not None:
+                    nursery.start_soon(live.write_stdin)
+                async with trio.open_nursery() as readers:
+                    stall = self.config.stall_seconds
+                    readers.start_soon(live.pump, Stream.STDOUT, child.output_fd, stall)
+                    if child.error_fd is not None:
+                        readers.start_soon(live.pump, Stream.STDERR, child.error_fd, stall)
+                    await live.reaped.wait()
+                    # Children the command left behind may still hold its output open:
+                    # wait a little for their EOF, never indefinitely.
+                    readers.cancel_scope.deadline = trio.current_time() + self.config.drain_seconds
+                assert live.status is not None
+                live.end_input()
+                live.ended_wall = time.time()
+                self.pool.retire(live.core.stdout)
+                self.pool.retire(live.core.stderr)
+                self.apply(live, live.core.finish(trio.current_time(), live.status))
+                log.info(
+                    "command finished",
+                    extra={
+                        "command_id": live.command_id,
+                        "exit_code": live.status.code,
+                        "reason": live.core.end_reason.value if live.core.end_reason else None,
+                    },
+                )
+                await live.expired.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.sessions.get(live.command_id) is live:
+                del self.sessions[live.command_id]
+                if live.core.state is SessionState.EXPIRED:
+                    self._remember_expired(live.command_id)
+            self.pool.release(live.core.stdout)
+            self.pool.release(live.core.stderr)
+            if live.status is None:  # cancelled while running (daemon stopping)
+                process.kill_tree(child.pid)
+            live.notify_changed()
+
+    async def _run_timers(self, live: LiveSession) -> None:
+        while True:
+            with trio.CancelScope(deadline=live.core.next_deadline()) as scope:
+                live.timer_scope = scope
+                await trio.sleep_forever()
+            live.timer_scope = None
+            self.apply(live, live.core.on_timer(trio.current_time()))
+            if live.core.state is SessionState.EXPIRED:
+                return
+
+    def _remember_expired(self, command_id: str) -> None:
+        self._expired_ids[command_id] = None
+        while len(self._expired_ids) > EXPIRED_IDS_KEPT:
+            self._expired_ids.popitem(last=False)
+
+    # ---- shutdown ---------------------------------------------------------------------
+
+    async def stop_all(self, grace: float) -> None:
+        """SIGTERM every running command, SIGKILL what is left after ``grace`` seconds."""
+        self.shutting_down = True
+        running = [s for s in self.sessions.values() if s.status is None]
+        for live in running:
+            live.core.request_kill(EndReason.SHUTDOWN)
+            process.kill_tree(live.child.pid, signal.SIGTERM)
+        with trio.move_on_after(grace):
+            for live in running:
+                await live.reaped.wait()
+        for live in running:
+            if live.status is None:
+                process.kill_tree(live.child.pid)
+        with trio.move_on_after(2 + self.config.drain_seconds):
+            for live in running:
+                while live.core.state is SessionState.RUNNING:
+                    await live.wait_changed()
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """What ``GET /sessions`` shows."""
+        rows: list[dict[str, object]] = []
+        for live in self.sessions.values():
+            core = live.core
+            rows.append(
+                {
+                    "command_id": core.command_id,
+                    "pid": core.pid,
+                    "state": core.state.value,
+                    "pty": live.child.pty,
+                    "clients": len(core.attachments),
+                    "stdout_bytes": core.stdout.end,
+                    "stderr_bytes": core.stderr.end,
+                    "stdout_retained": core.stdout.size,
+                    "stderr_retained": core.stderr.size,
+                    "started_at": live.started_wall,
+                    "ended_at": live.ended_wall,
+                    "exit_code": live.status.code if live.status else None,
+                    "reason": core.end_reason.value if core.end_reason else None,
+                    "command": live.command[:200],
+                }
+            )
+        return rows
