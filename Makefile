@@ -1,0 +1,40 @@
+# The two set-up commands of the README: `make run` and `make test`. Both work on a fresh
+# clone: they create .venv (and, for the TypeScript SDK tests, tests/sdk/ts/node_modules).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TS_DIR := tests/sdk/ts
+TS_STAMP := $(TS_DIR)/node_modules/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test lint venv node clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(TS_STAMP): $(TS_DIR)/package.json
+	command -v npm >/dev/null 2>&1 || { apt-get update && apt-get install -y --no-install-recommends nodejs npm; }
+	cd $(TS_DIR) && npm install --no-audit --no-fund --loglevel=error
+	touch $(TS_STAMP)
+
+node: $(TS_STAMP)
+
+run: $(STAMP)
+	$(BIN)/sandboxd --listen 127.0.0.1:8080
+
+lint: $(STAMP)
+	$(BIN)/ruff check daemon tests
+	$(BIN)/ruff format --check daemon tests
+	$(BIN)/mypy --strict daemon
+
+test: $(STAMP) $(TS_STAMP) lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(TS_DIR)/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,183 @@
+"""Shared test tools: a real daemon on a real port, and a raw exec-WebSocket client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+from sandboxd.config import Config
+from sandboxd.service import Running, make_listen_socket, serve
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+#: What the Python SDK accepts at most in one message; the daemon must stay below it.
+SDK_MAX_MESSAGE = 2**20
+
+
+@dataclass
+class Daemon:
+    """An in-process sandboxd serving on 127.0.0.1."""
+
+    running: Running
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.running.address}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://{self.running.address}/execute/ws"
+
+
+@asynccontextmanager
+async def running_daemon(**overrides: Any) -> AsyncIterator[Daemon]:
+    """Start sandboxd inside the test's trio run; stop it (gracefully) afterwards."""
+    settings: dict[str, Any] = {"listen": "127.0.0.1:0", "stop_grace": 1.0}
+    settings.update(overrides)
+    config = Config(**settings)
+    sock = make_listen_socket(config)
+    async with trio.open_nursery() as nursery:
+        running: Running = await nursery.start(serve, config, sock)
+        try:
+            yield Daemon(running)
+        finally:
+            running.stop.set()
+
+
+@dataclass
+class Transcript:
+    """Everything one exec socket received."""
+
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    close_code: int | None = None
+
+    @property
+    def types(self) -> list[str]:
+        return [f["type"] for f in self.frames]
+
+    def text(self, stream: str) -> str:
+        return "".join(f["data"] for f in self.frames if f["type"] == stream)
+
+    @property
+    def terminal(self) -> dict[str, Any]:
+        assert self.frames and self.frames[-1]["type"] in ("exit", "error"), self.types[-5:]
+        return self.frames[-1]
+
+    def assert_contiguous(self, stdout_from: int = 0, stderr_from: int = 0) -> None:
+        """Property 5 of protocol.md §9: each stream's offsets follow on exactly."""
+        expected = {"stdout": stdout_from, "stderr": stderr_from}
+        for frame in self.frames:
+            if frame["type"] in expected:
+                assert frame["offset"] == expected[frame["type"]], (frame["type"], frame["offset"])
+                expected[frame["type"]] += len(frame["data"].encode())
+
+
+class ExecClient:
+    """A raw client of ``/execute/ws`` (no SDK): send frames, read frames.
+
+    ``stream`` is the TCP connection under the WebSocket: closing it is an abrupt drop.
+    """
+
+    def __init__(self, ws: WebSocketConnection, stream: trio.SocketStream) -> None:
+        self.ws = ws
+        self.stream = stream
+        self.transcript = Transcript()
+
+    async def send(self, **frame: Any) -> None:
+        await self.ws.send_message(json.dumps(frame))
+
+    async def recv(self) -> dict[str, Any]:
+        message = await self.ws.get_message()
+        assert isinstance(message, str), "every server frame must be text"
+        assert len(message.encode()) < SDK_MAX_MESSAGE
+        frame: dict[str, Any] = json.loads(message)
+        assert isinstance(frame, dict)
+        self.transcript.frames.append(frame)
+        return frame
+
+    async def recv_until(self, *types: str) -> dict[str, Any]:
+        while True:
+            frame = await self.recv()
+            if frame["type"] in types:
+                return frame
+
+    async def collect(self) -> Transcript:
+        """Read until the server closes; returns the whole transcript."""
+        try:
+            while True:
+                await self.recv()
+        except ConnectionClosed as closed:
+            self.transcript.close_code = closed.reason.code
+        return self.transcript
+
+
+@asynccontextmanager
+async def open_ws(
+    url: str, headers: list[tuple[str, str]] | None = None
+) -> AsyncIterator[tuple[WebSocketConnection, trio.SocketStream]]:
+    """A client WebSocket over a TCP stream this helper owns and always closes.
+
+    (trio-websocket leaves its own stream open after a server-initiated close.)
+    """
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port
+    async with trio.open_nursery() as nursery:
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+        try:
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                parts.hostname,
+                parts.path or "/",
+                extra_headers=headers,
+                message_queue_size=4,
+                max_message_size=SDK_MAX_MESSAGE,
+            )
+            try:
+                yield ws, stream
+            finally:
+                await ws.aclose()
+        finally:
+            await stream.aclose()
+
+
+async def rejection(url: str, headers: list[tuple[str, str]] | None = None) -> ConnectionRejected:
+    """The refusal of an upgrade that must be refused (fails the test if it is accepted)."""
+    try:
+        async with open_ws(url, headers):
+            pass
+    except BaseExceptionGroup as group:
+        matched, _ = group.split(ConnectionRejected)
+        while isinstance(matched, BaseExceptionGroup):
+            matched = matched.exceptions[0]
+        if isinstance(matched, ConnectionRejected):
+            return matched
+        raise
+    except ConnectionRejected as rejected:
+        return rejected
+    raise AssertionError(f"upgrade to {url} was accepted")
+
+
+@asynccontextmanager
+async def exec_socket(url: str) -> AsyncIterator[ExecClient]:
+    """One exec WebSocket, with the Python SDK's 1 MiB message cap."""
+    async with open_ws(url) as (ws, stream):
+        yield ExecClient(ws, stream)
+
+
+async def run_command(url: str, command: str, **fields: Any) -> Transcript:
+    """Execute ``command`` on a fresh socket and read everything until the close."""
+    frame: dict[str, Any] = {"type": "execute", "command": command, "close_stdin": True}
+    frame.update(fields)
+    async with exec_socket(url) as client:
+        await client.send(**frame)
+        return await client.collect()

@@ -1,0 +1,553 @@
+"""``/execute/ws`` against a real daemon with raw frames: protocol.md §9, items 1-33.
+
+Each test names the §9 item(s) it proves. The SDK-driven versions live in tests/sdk/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import psutil
+import pytest
+import trio
+
+from tests.helpers import Daemon, exec_socket, open_ws, rejection, run_command, running_daemon
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_started_comes_first_with_the_given_id_then_output_exit_and_close_1000(
+    daemon: Daemon,
+) -> None:  # items 3, 9, 32
+    with trio.fail_after(10):
+        command_id = new_id()
+        t = await run_command(daemon.ws, "echo out; echo err >&2; exit 7", command_id=command_id)
+    assert t.frames[0] == {"type": "started", "command_id": command_id, "pid": t.frames[0]["pid"]}
+    assert isinstance(t.frames[0]["pid"], int)
+    assert t.text("stdout") == "out\n"
+    assert t.text("stderr") == "err\n"
+    assert t.terminal["type"] == "exit" and t.terminal["exit_code"] == 7
+    assert t.types.count("exit") == 1
+    assert t.close_code == 1000
+
+
+async def test_execute_without_command_id_gets_one_that_reconnect_accepts(
+    daemon: Daemon,
+) -> None:  # item 4
+    with trio.fail_after(10):
+        first = await run_command(daemon.ws, "echo hi")
+        command_id = first.frames[0]["command_id"]
+        assert command_id
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=command_id)
+            again = await client.collect()
+    assert again.frames[0]["command_id"] == command_id
+    assert again.text("stdout") == "hi\n"
+    assert again.terminal["exit_code"] == 0
+
+
+async def test_offsets_are_contiguous_utf8_byte_counts_across_many_chunks(
+    daemon: Daemon,
+) -> None:  # items 5, 6, 8
+    script = "python3 -c \"import sys; sys.stdout.write('é' * 200000 + '😀' * 5000)\""
+    with trio.fail_after(20):
+        t = await run_command(daemon.ws, script)
+    t.assert_contiguous()
+    text = t.text("stdout")
+    assert text == "é" * 200000 + "😀" * 5000
+    assert "\ufffd" not in text
+    assert len([f for f in t.frames if f["type"] == "stdout"]) > 1
+
+
+async def test_invalid_utf8_becomes_replacement_characters_with_exact_offsets(
+    daemon: Daemon,
+) -> None:  # item 7
+    with trio.fail_after(10):
+        t = await run_command(daemon.ws, r"printf 'a\xff\xfeb'; printf '\xe2\x82' >&2")
+    t.assert_contiguous()
+    assert t.text("stdout") == "a\ufffd\ufffdb"
+    assert t.text("stderr") == "\ufffd"
+
+
+async def test_a_50_mb_burst_arrives_whole_in_frames_under_one_mib(daemon: Daemon) -> None:
+    # items 8, 9: the client caps messages at 1 MiB like the Python SDK
+    with trio.fail_after(60):
+        t = await run_command(daemon.ws, "head -c 50000000 /dev/zero | tr '\\0' '\\1'")
+    t.assert_contiguous()
+    assert len(t.text("stdout")) == 50_000_000
+    assert t.terminal["exit_code"] == 0
+
+
+async def test_timeout_kills_the_group_and_reports_command_timeout(daemon: Daemon) -> None:
+    # item 10
+    with trio.fail_after(10):
+        start = trio.current_time()
+        t = await run_command(daemon.ws, "sleep 30 & sleep 30", timeout_seconds=1)
+        elapsed = trio.current_time() - start
+    assert t.terminal == {
+        "type": "error",
+        "error_type": "CommandTimeout",
+        "error": "Command timed out after 1 seconds",
+    }
+    assert "exit" not in t.types
+    assert 1 <= elapsed < 2.5
+    pid = t.frames[0]["pid"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_timeout_zero_sets_no_deadline(daemon: Daemon) -> None:  # item 11
+    with trio.fail_after(10):
+        t = await run_command(daemon.ws, "sleep 1.5; echo done", timeout_seconds=0)
+    assert t.text("stdout") == "done\n" and t.terminal["exit_code"] == 0
+
+
+async def test_close_stdin_at_spawn_gives_cat_eof(daemon: Daemon) -> None:  # item 12
+    with trio.fail_after(10):
+        t = await run_command(daemon.ws, "cat; echo rc=$?", close_stdin=True)
+    assert t.text("stdout") == "rc=0\n"
+
+
+async def test_input_frames_reach_stdin_in_order_and_close_stdin_ends_cat(
+    daemon: Daemon,
+) -> None:  # item 13
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="execute", command="cat")
+            await client.recv_until("started")
+            for piece in ("a", "b", "c\n"):
+                await client.send(type="input", data=piece)
+            await client.send(type="close_stdin")
+            t = await client.collect()
+    assert t.text("stdout") == "abc\n"
+    assert t.terminal["exit_code"] == 0
+
+
+async def test_kill_takes_the_whole_group_and_readers_get_a_nonzero_exit(
+    daemon: Daemon,
+) -> None:  # item 14
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="execute", command="sleep 60 & echo $!; wait")
+            await client.recv_until("started")
+            grandchild = int((await client.recv_until("stdout"))["data"])
+            await client.send(type="kill")
+            t = await client.collect()
+    assert t.terminal["type"] == "exit"
+    assert t.terminal["exit_code"] == 137
+    assert t.terminal["signal"] == "KILL" and t.terminal["reason"] == "killed"
+    with trio.fail_after(5):
+        while psutil.pid_exists(grandchild) and psutil.Process(grandchild).status() != "zombie":
+            await trio.sleep(0.05)
+
+
+async def test_kill_then_abrupt_drop_still_kills_and_the_daemon_keeps_serving(
+    daemon: Daemon,
+) -> None:  # item 15
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="execute", command="sleep 60", command_id=command_id)
+            started = await client.recv_until("started")
+            await client.send(type="kill")
+            await client.stream.aclose()  # no close handshake, like the Python SDK
+        live = daemon.running.supervisor.sessions[command_id]
+        await live.reaped.wait()
+        assert live.status is not None and live.status.code == 137
+        assert started["pid"] == live.child.pid
+        t = await run_command(daemon.ws, "echo still serving")
+    assert t.text("stdout") == "still serving\n"
+
+
+async def test_pty_is_a_controlling_tty_merges_stderr_and_eot_ends_cat(daemon: Daemon) -> None:
+    # item 16
+    with trio.fail_after(10):
+        t = await run_command(
+            daemon.ws,
+            "test -t 0 && test -t 1 && echo tty; echo to-stderr >&2; "
+            "stty size; echo $TERM; tty >/dev/null && echo ctty",
+            pty=True,
+        )
+    out = t.text("stdout")
+    assert "tty\r\n" in out and "to-stderr\r\n" in out and "ctty\r\n" in out
+    assert "24 80\r\n" in out and "xterm-256color" in out
+    assert "stderr" not in t.types
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="execute", command="cat; echo cat-ended", pty=True)
+            await client.recv_until("started")
+            await client.send(type="input", data="hello\n")
+            await client.send(type="input", data="\x04")
+            t = await client.collect()
+    assert "hello" in t.text("stdout") and "cat-ended" in t.text("stdout")
+    assert t.terminal["exit_code"] == 0
+
+
+async def test_reconnect_to_a_running_command_resumes_at_the_offsets(
+    daemon: Daemon,
+) -> None:  # item 17
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(
+                type="execute",
+                command="echo one; read line; echo $line",
+                command_id=command_id,
+            )
+            await client.recv_until("started")
+            first = await client.recv_until("stdout")
+        assert first["data"] == "one\n"
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=command_id, stdout_offset=4)
+            assert (await client.recv()) == {
+                "type": "started",
+                "command_id": command_id,
+                "pid": client.transcript.frames[0]["pid"],
+            }
+            await client.send(type="input", data="two\n")
+            t = await client.collect()
+    assert t.text("stdout") == "two\n"
+    t.assert_contiguous(stdout_from=4)
+    assert t.terminal["exit_code"] == 0
+
+
+async def test_reconnect_after_exit_replays_from_offsets_and_repeats_the_terminal(
+    daemon: Daemon,
+) -> None:  # item 18
+    with trio.fail_after(10):
+        t = await run_command(daemon.ws, "printf 'héllo'; exit 5")
+        command_id = t.frames[0]["command_id"]
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=command_id, stdout_offset=3)
+            again = await client.collect()
+        timed = await run_command(daemon.ws, "echo x; sleep 10", timeout_seconds=1)
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=timed.frames[0]["command_id"])
+            timed_again = await client.collect()
+    assert again.text("stdout") == "llo"
+    again.assert_contiguous(stdout_from=3)
+    assert again.terminal["exit_code"] == 5
+    assert timed_again.text("stdout") == "x\n"
+    assert timed_again.terminal["error_type"] == "CommandTimeout"
+
+
+async def test_reconnect_older_than_the_ring_starts_at_the_oldest_byte_with_a_gap() -> None:
+    # item 19, and the gap frame of the core issue
+    async with running_daemon(ring_bytes=64 * 1024) as daemon:
+        with trio.fail_after(20):
+            t = await run_command(daemon.ws, "seq 1 100000")  # 588,895 bytes
+            command_id = t.frames[0]["command_id"]
+            async with exec_socket(daemon.ws) as client:
+                await client.send(type="reconnect", command_id=command_id, stdout_offset=10)
+                again = await client.collect()
+    gap = next(f for f in again.frames if f["type"] == "gap")
+    first = next(f for f in again.frames if f["type"] == "stdout")
+    assert gap["stream"] == "stdout" and gap["from"] == 10 and gap["to"] == first["offset"]
+    assert first["offset"] > 10
+    again.assert_contiguous(stdout_from=first["offset"])
+    assert (first["offset"] + len(again.text("stdout").encode())) == 588_895
+    assert again.text("stdout").endswith("99999\n100000\n")
+
+
+async def test_unknown_id_is_command_not_found_and_expired_is_session_expired(
+    daemon: Daemon,
+) -> None:  # item 20
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id="nope")
+            t = await client.collect()
+        assert t.frames == [
+            {"type": "error", "error_type": "CommandNotFound", "error": "Command not found: nope"}
+        ]
+        assert t.close_code == 1000
+        done = await run_command(daemon.ws, "true", ttl_seconds=0)
+        command_id = done.frames[0]["command_id"]
+        while command_id in daemon.running.supervisor.sessions:
+            await trio.sleep(0.01)
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=command_id)
+            t = await client.collect()
+    assert t.frames[0]["error_type"] == "SessionExpired"
+
+
+async def test_repeated_execute_with_one_id_spawns_once(daemon: Daemon) -> None:  # item 21
+    command_id = new_id()
+    marker = f"/tmp/sandboxd-test-{command_id}"
+    frame = {
+        "type": "execute",
+        "command": f"echo run >> {marker}; echo out; sleep 0.5",
+        "command_id": command_id,
+        "close_stdin": True,
+    }
+    try:
+        with trio.fail_after(10):
+            async with exec_socket(daemon.ws) as a, exec_socket(daemon.ws) as b:
+                await a.send(**frame)
+                first = await a.recv_until("started")
+                await b.send(**frame)
+                second = await b.recv_until("started")
+                ta, tb = await a.collect(), await b.collect()
+            tc = await run_command(daemon.ws, frame["command"], command_id=command_id)
+        assert first["pid"] == second["pid"] == tc.frames[0]["pid"]
+        assert ta.text("stdout") == tb.text("stdout") == tc.text("stdout") == "out\n"
+        assert tc.terminal["exit_code"] == 0
+        with open(marker) as f:
+            assert f.read() == "run\n"
+    finally:
+        if os.path.exists(marker):
+            os.unlink(marker)
+
+
+async def test_two_sockets_both_get_everything_and_either_can_send_input(
+    daemon: Daemon,
+) -> None:  # item 22
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as a, exec_socket(daemon.ws) as b:
+            await a.send(type="execute", command="read x; echo got $x", command_id=command_id)
+            await a.recv_until("started")
+            await b.send(type="reconnect", command_id=command_id)
+            await b.recv_until("started")
+            await b.send(type="input", data="hi\n")
+            ta, tb = await a.collect(), await b.collect()
+    assert ta.text("stdout") == tb.text("stdout") == "got hi\n"
+    assert ta.terminal == tb.terminal
+
+
+async def test_a_control_frame_before_reconnect_is_held_and_applied(
+    daemon: Daemon,
+) -> None:  # item 23
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="execute", command="cat; echo eof", command_id=command_id)
+            await client.recv_until("started")
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="close_stdin")
+            await client.send(type="reconnect", command_id=command_id)
+            t = await client.collect()
+    assert t.types[0] == "started"
+    assert t.text("stdout") == "eof\n"
+
+
+async def test_idle_timeout_kills_only_without_clients(daemon: Daemon) -> None:  # item 24
+    command_id = new_id()
+    with trio.fail_after(15):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(
+                type="execute",
+                command="sleep 2.5; echo survived; sleep 60",
+                command_id=command_id,
+                idle_timeout_seconds=1,
+            )
+            await client.recv_until("started")
+            assert (await client.recv_until("stdout"))["data"] == "survived\n"
+        live = daemon.running.supervisor.sessions[command_id]
+        start = trio.current_time()
+        await live.reaped.wait()
+        assert 0.9 <= trio.current_time() - start < 2.5
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=command_id)
+            t = await client.collect()
+    assert t.terminal["exit_code"] == 137 and t.terminal["reason"] == "idle"
+
+
+async def test_kill_on_disconnect_kills_after_the_last_client_leaves_even_by_tcp_drop(
+    daemon: Daemon,
+) -> None:  # item 25
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as a, exec_socket(daemon.ws) as b:
+            await a.send(
+                type="execute", command="sleep 60", command_id=command_id, kill_on_disconnect=True
+            )
+            await a.recv_until("started")
+            await b.send(type="reconnect", command_id=command_id)
+            await b.recv_until("started")
+            await a.ws.aclose()
+            live = daemon.running.supervisor.sessions[command_id]
+            await trio.sleep(0.3)
+            assert live.status is None, "one client is still attached"
+            await b.stream.aclose()  # abrupt TCP drop
+            start = trio.current_time()
+            await live.reaped.wait()
+            assert trio.current_time() - start < 1.0
+    assert live.status is not None and live.status.code == 137
+    assert live.core.end_reason is not None and live.core.end_reason.value == "disconnect"
+
+
+async def test_without_kill_on_disconnect_output_made_while_away_is_replayed(
+    daemon: Daemon,
+) -> None:  # item 26
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(
+                type="execute", command="echo a; sleep 0.5; echo b", command_id=command_id
+            )
+            await client.recv_until("started")
+            await client.recv_until("stdout")
+        await trio.sleep(1)
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=command_id, stdout_offset=2)
+            t = await client.collect()
+    assert t.text("stdout") == "b\n" and t.terminal["exit_code"] == 0
+
+
+async def test_ttl_keeps_a_finished_session_for_n_seconds_then_drops_it(
+    daemon: Daemon,
+) -> None:  # item 27
+    with trio.fail_after(10):
+        t = await run_command(daemon.ws, "echo kept", ttl_seconds=1)
+        command_id = t.frames[0]["command_id"]
+        await trio.sleep(0.5)
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=command_id)
+            assert (await client.collect()).text("stdout") == "kept\n"
+        await trio.sleep(1.0)
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=command_id)
+            gone = await client.collect()
+        forever = await run_command(daemon.ws, "true", ttl_seconds=-1)
+    assert gone.frames[0]["error_type"] == "SessionExpired"
+    assert forever.frames[0]["command_id"] in daemon.running.supervisor.sessions
+
+
+async def test_run_config_and_legacy_env_cwd_are_applied(daemon: Daemon, tmp_path: object) -> None:
+    # item 28
+    script = "pwd; echo $A; id -un"
+    with trio.fail_after(10):
+        modern = await run_command(
+            daemon.ws,
+            script,
+            run_config={"user": "nobody", "work_dir": "/tmp", "env_vars": {"A": "1"}},
+        )
+        legacy = await run_command(daemon.ws, script, env={"A": "2"}, cwd="/tmp")
+        overridden = await run_command(daemon.ws, "echo $HOME", env={"HOME": "/elsewhere"})
+    assert modern.text("stdout") == "/tmp\n1\nnobody\n", modern.frames
+    assert legacy.text("stdout") == "/tmp\n2\nroot\n"
+    assert overridden.text("stdout") == "/elsewhere\n"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"run_config": {"env_vars": {"A": "1"}}, "env": {"B": "2"}},
+        {"run_config": {"user": "root"}, "cwd": "/tmp"},
+        {"run_config": {"work_dir": "relative/dir"}},
+        {"cwd": "relative"},
+        {"timeout_seconds": -5},
+    ],
+)
+async def test_contradictory_requests_are_refused_before_spawning(
+    daemon: Daemon, fields: dict[str, object]
+) -> None:  # item 29
+    with trio.fail_after(10):
+        t = await run_command(daemon.ws, "touch /tmp/should-not-exist", **fields)
+    assert t.frames == [t.frames[0]] and t.frames[0]["type"] == "error"
+    assert t.frames[0]["error_type"] == "InvalidRequest"
+    assert not daemon.running.supervisor.sessions
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"shell": "/no/such/shell"},
+        {"cwd": "/no/such/dir"},
+        {"run_config": {"user": "no-such-user-here"}},
+        {"run_config": {"user": "root:no-such-group"}},
+    ],
+)
+async def test_spawn_failures_are_an_error_frame_without_started(
+    daemon: Daemon, fields: dict[str, object]
+) -> None:  # item 30
+    with trio.fail_after(10):
+        t = await run_command(daemon.ws, "true", **fields)
+    assert len(t.frames) == 1
+    assert t.frames[0]["type"] == "error" and t.frames[0]["error_type"] == "CommandError"
+    assert t.close_code == 1000
+
+
+async def test_pings_are_answered_while_output_streams(daemon: Daemon) -> None:  # item 31
+    with trio.fail_after(30):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="execute", command="yes | head -c 30000000")
+            await client.recv_until("started")
+            await client.recv_until("stdout")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.collect)  # keep reading, as the SDK does
+                for _ in range(3):
+                    with trio.fail_after(2):
+                        await client.ws.ping()
+            assert client.transcript.terminal["exit_code"] == 0
+
+
+async def test_upgrade_is_accepted_with_any_header_spelling_and_deflate_offer(
+    daemon: Daemon,
+) -> None:  # item 1
+    headers = [
+        ("x-api-key", "k"),
+        ("X-Service-Key", "s"),
+        ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"),
+    ]
+    with trio.fail_after(10):
+        async with open_ws(daemon.ws, headers) as (ws, _):
+            await ws.send_message(json.dumps({"type": "execute", "command": "echo ok"}))
+            assert json.loads(await ws.get_message())["type"] == "started"
+
+
+async def test_unknown_paths_and_stopping_daemon_refuse_upgrades_with_a_detail_body() -> None:
+    # item 2 and the refusal half of item 33
+    async with running_daemon() as daemon:
+        with trio.fail_after(10):
+            not_found = await rejection(daemon.ws.replace("/execute/ws", "/nope"))
+            daemon.running.supervisor.shutting_down = True
+            refused = await rejection(daemon.ws)
+            daemon.running.supervisor.shutting_down = False
+    assert not_found.status_code == 404
+    assert json.loads(not_found.body or b"")["detail"]["error"] == "NotFound"
+    assert refused.status_code == 503
+    assert dict(refused.headers or [])[b"retry-after"] == b"1"
+    assert json.loads(refused.body or b"")["detail"]["error"] == "ServerShuttingDown"
+
+
+async def test_shutdown_closes_attached_sockets_with_1001_after_started() -> None:  # item 33
+    async with running_daemon(stop_grace=0.5) as daemon, exec_socket(daemon.ws) as client:
+        with trio.fail_after(10):
+            await client.send(
+                type="execute", command="trap 'echo bye; exit 3' TERM; sleep 60 & wait"
+            )
+            await client.recv_until("started")
+            daemon.running.stop.set()
+            t = await client.collect()
+    assert t.types[0] == "started"
+    assert t.text("stdout") == "bye\n"
+    assert t.terminal["exit_code"] == 3
+    assert t.close_code in (1000, 1001)
+
+
+async def test_bad_frames_get_an_invalid_request_error_and_the_command_lives_on(
+    daemon: Daemon,
+) -> None:
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="execute", command="read x; echo $x", command_id=command_id)
+            await client.recv_until("started")
+            await client.ws.send_message("{not json")
+            bad = await client.collect()
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="execute", command=5)
+            wrong_type = await client.collect()
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="reconnect", command_id=command_id)
+            await client.recv_until("started")
+            await client.send(type="input", data="fine\n")
+            t = await client.collect()
+    assert bad.terminal["error_type"] == "InvalidRequest"
+    assert wrong_type.frames[0]["error_type"] == "InvalidRequest"
+    assert "Expected `str`, got `int`" in wrong_type.frames[0]["error"]
+    assert t.text("stdout") == "fine\n"
