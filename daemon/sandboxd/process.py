@@ -81,6 +81,19 @@ def clean_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, s
     }
 
 
+def close_inherited_fds_on_exec() -> None:
+    """Mark every fd above 2 close-on-exec.
+
+    Python opens its own fds close-on-exec, but fds inherited from whoever started the
+    daemon (a shell, make, a CI runner) are not, and would reach every command.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the listing's own fd is gone by now
+                os.set_inheritable(fd, False)
+
+
 def set_window_size(fd: int, cols: int, rows: int) -> None:
     """Set a PTY's window size (on the master); the kernel then SIGWINCHes its foreground."""
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

@@ -14,7 +14,7 @@ import signal
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -178,8 +178,18 @@ class LiveSession:
 class Supervisor:
     """Owns every session, keyed by ``command_id``."""
 
-    def __init__(self, config: Config, reaper: process.Reaper, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reaper: process.Reaper,
+        nursery: trio.Nursery,
+        *,
+        spawn: Callable[[process.SpawnRequest], process.Child] = process.spawn,
+        kill_tree: Callable[[int, int], None] = process.kill_tree,
+    ) -> None:
         self.config = config
+        self._spawn = spawn
+        self._kill_tree = kill_tree
         self.reaper = reaper
         self.pool = BufferPool(config.buffer_cap_bytes)
         self.sessions: dict[str, LiveSession] = {}
@@ -216,7 +226,7 @@ class Supervisor:
                 f"{len(self.sessions)} sessions are live, the cap (--max-sessions) is reached"
             )
         command_id = msg.command_id or uuid.uuid4().hex
-        child = process.spawn(self._spawn_request(msg))
+        child = self._spawn(self._spawn_request(msg))
         now = trio.current_time()
         core = Session(
             command_id=command_id,
@@ -284,7 +294,7 @@ class Supervisor:
         for effect in effects:
             if isinstance(effect, KillTree):
                 if live.status is None:  # after the reap the pid may be reused
-                    process.kill_tree(live.child.pid)
+                    self._kill_tree(live.child.pid, signal.SIGKILL)
                 log.info(
                     "command killed",
                     extra={"command_id": live.command_id, "reason": effect.reason.value},
@@ -336,7 +346,7 @@ class Supervisor:
             self.pool.release(live.core.stdout)
             self.pool.release(live.core.stderr)
             if live.status is None:  # cancelled while running (daemon stopping)
-                process.kill_tree(child.pid)
+                self._kill_tree(child.pid, signal.SIGKILL)
             live.notify_changed()
 
     async def _run_timers(self, live: LiveSession) -> None:
@@ -362,13 +372,13 @@ class Supervisor:
         running = [s for s in self.sessions.values() if s.status is None]
         for live in running:
             live.core.request_kill(EndReason.SHUTDOWN)
-            process.kill_tree(live.child.pid, signal.SIGTERM)
+            self._kill_tree(live.child.pid, signal.SIGTERM)
         with trio.move_on_after(grace):
             for live in running:
                 await live.reaped.wait()
         for live in running:
             if live.status is None:
-                process.kill_tree(live.child.pid)
+                self._kill_tree(live.child.pid, signal.SIGKILL)
         with trio.move_on_after(2 + self.config.drain_seconds):
             for live in running:
                 while live.core.state is SessionState.RUNNING:

@@ -1,0 +1,172 @@
+"""The session state machine and its timers, as pure functions of ``now``.
+
+Each timer is checked just before (t - ε), at (t) and just after (t + ε) its deadline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sandboxd.ringbuffer import RingBuffer
+from sandboxd.session import (
+    EndReason,
+    ExitStatus,
+    Expire,
+    IllegalTransition,
+    KillTree,
+    Lifetimes,
+    Session,
+    SessionState,
+    Stream,
+)
+
+EPS = 1e-6
+
+
+def make(started_at: float = 100.0, **lifetimes: object) -> Session:
+    return Session(
+        command_id="c",
+        pid=42,
+        lifetimes=Lifetimes(**lifetimes),  # type: ignore[arg-type]
+        stdout=RingBuffer(1024),
+        stderr=RingBuffer(1024),
+        started_at=started_at,
+    )
+
+
+def test_timeout_fires_exactly_at_its_deadline_and_only_once() -> None:
+    s = make(timeout_seconds=60, idle_timeout_seconds=-1)
+    s.attach(100.0)
+    assert s.next_deadline() == 160.0
+    assert s.on_timer(160.0 - EPS) == []
+    assert s.on_timer(160.0) == [KillTree(EndReason.TIMEOUT)]
+    assert s.on_timer(160.0 + EPS) == []
+    assert s.next_deadline() == math.inf
+
+
+def test_timeout_zero_means_no_deadline() -> None:
+    s = make(timeout_seconds=0, idle_timeout_seconds=-1)
+    s.attach(100.0)
+    assert s.next_deadline() == math.inf
+    assert s.on_timer(1e9) == []
+
+
+def test_idle_clock_runs_only_while_no_client_is_attached() -> None:
+    s = make(timeout_seconds=0, idle_timeout_seconds=10)
+    a = s.attach(100.0)
+    assert s.next_deadline() == math.inf  # paused while attached
+    assert s.detach(a, 105.0) == []
+    assert s.next_deadline() == 115.0
+    assert s.on_timer(115.0 - EPS) == []
+    b = s.attach(114.0)  # a client comes back: the clock stops ...
+    assert s.on_timer(115.0) == []
+    s.detach(b, 120.0)  # ... and restarts from zero when it leaves
+    assert s.next_deadline() == 130.0
+    assert s.on_timer(130.0) == [KillTree(EndReason.IDLE)]
+
+
+def test_idle_clock_starts_at_creation_when_nobody_attaches() -> None:
+    s = make(timeout_seconds=0, idle_timeout_seconds=5)
+    assert s.next_deadline() == 105.0
+
+
+@pytest.mark.parametrize("idle", [-1, 0])
+def test_idle_minus_one_and_zero_mean_never(idle: int) -> None:
+    s = make(timeout_seconds=0, idle_timeout_seconds=idle)
+    assert s.next_deadline() == math.inf
+    assert s.on_timer(1e12) == []
+
+
+def test_the_earlier_of_timeout_and_idle_wins() -> None:
+    s = make(timeout_seconds=30, idle_timeout_seconds=10)
+    assert s.next_deadline() == 110.0
+    s.attach(101.0)
+    assert s.next_deadline() == 130.0
+
+
+def test_kill_on_disconnect_kills_when_the_last_client_leaves() -> None:
+    s = make(kill_on_disconnect=True)
+    a, b = s.attach(100.0), s.attach(100.0)
+    assert s.detach(a, 101.0) == []
+    assert s.detach(b, 102.0) == [KillTree(EndReason.DISCONNECT)]
+
+
+def test_a_second_kill_changes_nothing_and_the_first_reason_is_reported() -> None:
+    s = make()
+    assert s.request_kill(EndReason.TIMEOUT) == [KillTree(EndReason.TIMEOUT)]
+    assert s.request_kill(EndReason.KILLED) == []
+    s.finish(200.0, ExitStatus(137, 9))
+    assert s.end_reason is EndReason.TIMEOUT
+    terminal = s.terminal_message()
+    assert terminal.error_type == "CommandTimeout"  # type: ignore[union-attr]
+
+
+def test_a_command_that_exits_by_itself_during_a_kill_is_reported_as_exited() -> None:
+    s = make()
+    s.request_kill(EndReason.KILLED)
+    s.finish(101.0, ExitStatus(0))
+    assert s.end_reason is EndReason.EXITED
+
+
+def test_ttl_counts_from_the_finish_and_then_expires() -> None:
+    s = make(ttl_seconds=600)
+    s.finish(200.0, ExitStatus(0))
+    assert s.next_deadline() == 800.0
+    assert s.on_timer(800.0 - EPS) == []
+    assert s.on_timer(800.0) == [Expire()]
+    assert s.state is SessionState.EXPIRED
+
+
+def test_ttl_zero_expires_at_the_finish_and_minus_one_never() -> None:
+    s = make(ttl_seconds=0)
+    assert s.finish(200.0, ExitStatus(0)) == [Expire()]
+    forever = make(ttl_seconds=-1)
+    forever.finish(200.0, ExitStatus(0))
+    assert forever.next_deadline() == math.inf
+
+
+def test_illegal_transitions_raise_and_change_nothing() -> None:
+    s = make()
+    s.finish(200.0, ExitStatus(0))
+    with pytest.raises(IllegalTransition):
+        s.finish(201.0, ExitStatus(1))
+    assert s.state is SessionState.FINISHED and s.status == ExitStatus(0)
+
+
+def test_exit_frame_carries_signal_name_reason_and_usage() -> None:
+    s = make()
+    s.request_kill(EndReason.KILLED)
+    s.finish(101.0, ExitStatus(137, 9, 0.25, 4096))
+    exit_frame = s.terminal_message()
+    assert exit_frame.exit_code == 137  # type: ignore[union-attr]
+    assert exit_frame.signal == "KILL"  # type: ignore[union-attr]
+    assert exit_frame.reason == "killed"  # type: ignore[union-attr]
+    assert exit_frame.cpu_seconds == 0.25  # type: ignore[union-attr]
+
+
+def test_output_is_paced_by_the_leading_client_not_the_slowest() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    fast = s.attach(100.0, stdout_offset=900)
+    slow = s.attach(100.0, stdout_offset=0)
+    assert s.may_read(Stream.STDOUT, 100.0, 24)  # 100 + 24 fits in 1024
+    assert not s.may_read(Stream.STDOUT, 100.0, 925)
+    fast.stdout_cursor = 1000
+    assert s.may_read(Stream.STDOUT, 100.0, 1024)
+    assert slow.stdout_cursor == 0
+
+
+def test_a_stalled_client_stops_pacing_after_stall_seconds() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    s.attach(100.0, stdout_offset=0)
+    assert not s.may_read(Stream.STDOUT, 105.0 - EPS, 100)
+    assert s.may_read(Stream.STDOUT, 105.0, 100)
+
+
+def test_with_no_client_attached_reading_never_waits() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1024)
+    assert s.may_read(Stream.STDOUT, 100.0, 65536)
