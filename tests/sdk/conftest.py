@@ -1,0 +1,78 @@
+"""A real sandboxd process (the console entry point) for the SDK clients to drive.
+
+The SDK reads its timeouts when it is imported, so they are set here first: a dead URL
+then fails in about 3 s instead of the 120 s connect budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+os.environ.setdefault("LANGSMITH_SANDBOX_WS_TIMEOUT_CONNECT_BUDGET", "3")
+
+
+@dataclass
+class DaemonProcess:
+    """sandboxd running as its own process; ``logs`` collects its JSON log lines."""
+
+    process: subprocess.Popen[str]
+    address: str
+    logs: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+
+def start_daemon(*args: str) -> DaemonProcess:
+    """Start ``python -m sandboxd --listen 127.0.0.1:0 ARGS`` and wait for its address."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandboxd", "--listen", "127.0.0.1:0", *args],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    logs: list[dict[str, object]] = []
+    for line in proc.stderr:
+        entry = json.loads(line)
+        logs.append(entry)
+        if entry.get("msg") == "listening":
+            break
+    else:
+        raise RuntimeError(f"sandboxd did not start: {logs}")
+    daemon = DaemonProcess(proc, str(logs[-1]["address"]), logs)
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            daemon.logs.append(json.loads(line))
+
+    threading.Thread(target=drain, daemon=True).start()
+    return daemon
+
+
+def stop_daemon(daemon: DaemonProcess) -> int:
+    daemon.process.send_signal(signal.SIGTERM)
+    return daemon.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def sandboxd() -> Iterator[DaemonProcess]:
+    """One daemon per test module."""
+    daemon = start_daemon("--home", "/tmp", "--stop-grace", "1")
+    try:
+        yield daemon
+    finally:
+        assert stop_daemon(daemon) == 0
+        errors = [e for e in daemon.logs if e.get("level") in ("error", "critical")]
+        assert errors == [], errors
