@@ -27,6 +27,7 @@ class DaemonProcess:
     process: subprocess.Popen[str]
     address: str
     logs: list[dict[str, object]] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -57,13 +58,20 @@ def start_daemon(*args: str) -> DaemonProcess:
         for line in proc.stderr:
             daemon.logs.append(json.loads(line))
 
-    threading.Thread(target=drain, daemon=True).start()
+    daemon.reader = threading.Thread(target=drain, daemon=True)
+    daemon.reader.start()
     return daemon
 
 
 def stop_daemon(daemon: DaemonProcess) -> int:
+    """SIGTERM, wait for the exit, and collect the last log lines."""
     daemon.process.send_signal(signal.SIGTERM)
-    return daemon.process.wait(timeout=30)
+    code = daemon.process.wait(timeout=30)
+    if daemon.reader is not None:
+        daemon.reader.join(timeout=10)
+    if daemon.process.stderr is not None:
+        daemon.process.stderr.close()
+    return code
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,82 @@
+"""The released TypeScript SDK (langsmith@0.12.0 with ``ws``), unmodified, under node.
+
+Each test runs one scenario of ``tests/sdk/ts/scenarios.mjs`` against a real sandboxd
+and checks what the SDK handed to its caller. ``make test`` installs the npm packages.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.sdk.conftest import DaemonProcess
+
+pytestmark = pytest.mark.sdk
+
+TS_DIR = pathlib.Path(__file__).parent / "ts"
+NODE = shutil.which("node")
+
+if NODE is None or not (TS_DIR / "node_modules" / "langsmith").is_dir():
+    pytest.fail(
+        "node and tests/sdk/ts/node_modules are needed: run `make test`, which installs them",
+        pytrace=False,
+    )
+
+
+def scenario(daemon: DaemonProcess, name: str) -> dict[str, Any]:
+    assert NODE is not None
+    done = subprocess.run(
+        [NODE, "scenarios.mjs", daemon.url, name],
+        cwd=TS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_run_returns_output_and_exit_code(sandboxd: DaemonProcess) -> None:
+    assert scenario(sandboxd, "run") == {"stdout": "héllo\n", "stderr": "warn\n", "exit_code": 3}
+
+
+def test_large_output_arrives_whole(sandboxd: DaemonProcess) -> None:
+    assert scenario(sandboxd, "big") == {"length": 20_000_000, "allZ": True, "exit_code": 0}
+
+
+def test_callbacks_stream_each_chunk(sandboxd: DaemonProcess) -> None:
+    result = scenario(sandboxd, "streaming")
+    assert "".join(result["out"]) == "1\n2\n3\n" and "".join(result["err"]) == "e1\ne2\ne3\n"
+    assert len(result["out"]) >= 2
+    assert result["exit_code"] == 0
+
+
+def test_kill_is_answered_with_an_exit_frame(sandboxd: DaemonProcess) -> None:
+    result = scenario(sandboxd, "kill")
+    assert result["seen"] == ["started\n"]
+    assert result["exit_code"] == 137
+
+
+def test_reconnect_resumes_from_the_offset(sandboxd: DaemonProcess) -> None:
+    result = scenario(sandboxd, "reconnect")
+    assert result["first"] == "one\n" and result["stdout"] == "two\n"
+    assert result["exit_code"] == 4
+    assert len(result["id"]) == 36  # the TS client's dashed UUIDv7
+
+
+def test_input_and_close_input(sandboxd: DaemonProcess) -> None:
+    assert scenario(sandboxd, "input") == {"stdout": "from ts\ndone\n", "exit_code": 0}
+
+
+def test_pty(sandboxd: DaemonProcess) -> None:
+    assert scenario(sandboxd, "pty") == {"stdout": "tty\r\n", "exit_code": 0}
+
+
+def test_timeout_raises_the_timeout_error(sandboxd: DaemonProcess) -> None:
+    assert scenario(sandboxd, "timeout") == {"raised": "LangSmithCommandTimeoutError"}

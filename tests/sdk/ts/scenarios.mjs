@@ -1,0 +1,94 @@
+// Drives sandboxd with the released TypeScript SDK (langsmith@0.12.0), unmodified.
+// Usage: node scenarios.mjs <dataplane-url> <scenario>
+// Prints one JSON object (what the scenario observed) on stdout; exits non-zero on error.
+import { Sandbox, SandboxClient } from "langsmith/sandbox";
+
+const [url, scenario] = process.argv.slice(2);
+const client = new SandboxClient({ apiKey: "dummy-api-key", apiEndpoint: "http://127.0.0.1:9/x" });
+const sandbox = new Sandbox({ name: "local", dataplane_url: url }, client);
+
+const scenarios = {
+  async run() {
+    const r = await sandbox.run("echo héllo; echo warn >&2; exit 3", { timeout: 10 });
+    return { stdout: r.stdout, stderr: r.stderr, exit_code: r.exit_code };
+  },
+
+  async big() {
+    const r = await sandbox.run("head -c 20000000 /dev/zero | tr '\\0' 'z'", { timeout: 60 });
+    return { length: r.stdout.length, allZ: /^z*$/.test(r.stdout), exit_code: r.exit_code };
+  },
+
+  async streaming() {
+    const out = [];
+    const err = [];
+    const r = await sandbox.run("for i in 1 2 3; do echo $i; echo e$i >&2; sleep 0.1; done", {
+      timeout: 10,
+      onStdout: (d) => out.push(d),
+      onStderr: (d) => err.push(d),
+    });
+    return { out, err, exit_code: r.exit_code };
+  },
+
+  async kill() {
+    const handle = await sandbox.run("sleep 100 & echo started; wait", { timeout: 30, wait: false });
+    const seen = [];
+    for await (const chunk of handle) {
+      seen.push(chunk.data);
+      if (chunk.data.includes("started")) handle.kill();
+    }
+    const r = await handle.result;
+    return { seen, exit_code: r.exit_code };
+  },
+
+  async reconnect() {
+    const handle = await sandbox.run("echo one; sleep 0.5; echo two; exit 4", {
+      timeout: 10,
+      wait: false,
+    });
+    let first = null;
+    for await (const chunk of handle) {
+      first = chunk.data;
+      break;
+    }
+    const resumed = await sandbox.reconnect(handle.commandId, {
+      stdoutOffset: handle.lastStdoutOffset,
+    });
+    const r = await resumed.result;
+    return { first, stdout: r.stdout, exit_code: r.exit_code, id: handle.commandId };
+  },
+
+  async input() {
+    const handle = await sandbox.run("cat; echo done", {
+      timeout: 10,
+      wait: false,
+      closeInput: false,
+    });
+    handle.sendInput("from ts\n");
+    handle.closeInput();
+    const r = await handle.result;
+    return { stdout: r.stdout, exit_code: r.exit_code };
+  },
+
+  async pty() {
+    const r = await sandbox.run("test -t 0 && echo tty", { timeout: 10, pty: true });
+    return { stdout: r.stdout, exit_code: r.exit_code };
+  },
+
+  async timeout() {
+    try {
+      await sandbox.run("sleep 30", { timeout: 1 });
+      return { raised: null };
+    } catch (e) {
+      return { raised: e.constructor.name };
+    }
+  },
+};
+
+try {
+  const result = await scenarios[scenario]();
+  process.stdout.write(JSON.stringify(result) + "\n");
+  process.exit(0);
+} catch (e) {
+  process.stderr.write(`${e?.constructor?.name}: ${e?.message}\n${e?.stack}\n`);
+  process.exit(1);
+}
