@@ -1,0 +1,217 @@
+"""The daemon's own HTTP endpoints, the extra exec frames (signal, resize, gap), and the
+guarantees about slow clients and bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import psutil
+import trio
+
+from tests.helpers import Daemon, exec_socket, run_command, running_daemon
+
+
+async def http_get(daemon: Daemon, path: str, method: str = "GET") -> tuple[int, Any]:
+    """A minimal HTTP/1.1 client: status and JSON body."""
+    host, port = daemon.running.address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        raw = b""
+        while chunk := await stream.receive_some(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body) if body else None
+
+
+async def test_healthz_reports_ok_and_counts(daemon: Daemon) -> None:
+    with trio.fail_after(10):
+        status, body = await http_get(daemon, "/healthz")
+        head_status, head_body = await http_get(daemon, "/healthz", "HEAD")
+    assert status == 200 and body["status"] == "ok" and body["sessions"] == 0
+    assert head_status == 200 and head_body is None
+
+
+async def test_sessions_lists_each_command_with_state_clients_and_bytes(daemon: Daemon) -> None:
+    command_id = uuid.uuid4().hex
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(
+                type="execute", command="printf abc; printf de >&2; sleep 60", command_id=command_id
+            )
+            await client.recv_until("started")
+            while daemon.running.supervisor.sessions[command_id].core.stderr.end < 2:
+                await trio.sleep(0.01)
+            _, running = await http_get(daemon, "/sessions")
+            await client.send(type="kill")
+            await client.collect()
+        _, finished = await http_get(daemon, "/sessions")
+    row = running["sessions"][0]
+    assert row["command_id"] == command_id and row["state"] == "running"
+    assert row["clients"] == 1 and row["stdout_bytes"] == 3 and row["stderr_bytes"] == 2
+    assert isinstance(row["pid"], int) and row["ended_at"] is None
+    done = finished["sessions"][0]
+    assert done["state"] == "finished" and done["exit_code"] == 137 and done["reason"] == "killed"
+    assert done["ended_at"] >= done["started_at"]
+
+
+async def test_unknown_routes_get_404_and_wrong_methods_405_with_detail(daemon: Daemon) -> None:
+    with trio.fail_after(10):
+        status, body = await http_get(daemon, "/nope")
+        wrong, wrong_body = await http_get(daemon, "/sessions", "DELETE")
+        slashes, _ = await http_get(daemon, "//healthz")
+    assert status == 404 and body["detail"]["error"] == "NotFound"
+    assert wrong == 405 and wrong_body["detail"]["error"] == "MethodNotAllowed"
+    assert slashes == 200
+
+
+async def test_signal_frames_reach_the_process_group_by_name_or_number(daemon: Daemon) -> None:
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(
+                type="execute",
+                command="trap 'echo got-usr1' USR1; trap 'echo got-int; exit 9' INT; "
+                "echo ready; while true; do sleep 0.05; done",
+            )
+            await client.recv_until("started")
+            await client.recv_until("stdout")
+            await client.send(type="signal", signal="USR1")
+            while "got-usr1" not in client.transcript.text("stdout"):
+                await client.recv()
+            await client.send(type="signal", signal=2)
+            t = await client.collect()
+    assert "got-int" in t.text("stdout") and t.terminal["exit_code"] == 9
+
+
+async def test_a_signal_death_is_reported_with_its_name(daemon: Daemon) -> None:
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(type="execute", command="exec sleep 60")
+            await client.recv_until("started")
+            await client.send(type="signal", signal="SIGTERM")
+            t = await client.collect()
+    assert t.terminal["exit_code"] == 143 and t.terminal["signal"] == "TERM"
+    assert t.terminal["reason"] == "exited"
+    assert t.terminal["cpu_seconds"] >= 0 and t.terminal["peak_rss_bytes"] > 0
+
+
+async def test_resize_changes_the_pty_size_and_fires_winch(daemon: Daemon) -> None:
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.send(
+                type="execute",
+                command="trap 'echo winch; stty size' WINCH; echo ready; "
+                "while true; do sleep 0.05; done",
+                pty=True,
+            )
+            await client.recv_until("started")
+            while "ready" not in client.transcript.text("stdout"):
+                await client.recv()
+            await client.send(type="resize", cols=100, rows=30)
+            while "30 100" not in client.transcript.text("stdout"):
+                await client.recv()
+            await client.send(type="kill")
+            t = await client.collect()
+    assert "winch" in t.text("stdout")
+
+
+async def test_bad_signal_names_and_resize_sizes_are_invalid_requests(daemon: Daemon) -> None:
+    with trio.fail_after(10):
+        for frame in (
+            {"type": "signal", "signal": "NOPE"},
+            {"type": "resize", "cols": 0, "rows": 5},
+        ):
+            async with exec_socket(daemon.ws) as client:
+                await client.send(type="execute", command="sleep 60", kill_on_disconnect=True)
+                await client.recv_until("started")
+                await client.send(**frame)
+                t = await client.collect()
+            assert t.terminal["error_type"] == "InvalidRequest"
+
+
+async def test_a_client_that_reads_nothing_never_holds_back_one_that_reads() -> None:
+    async with running_daemon(ring_bytes=4 * 1024 * 1024, stall_seconds=1.0) as daemon:
+        command_id = uuid.uuid4().hex
+        with trio.fail_after(60):
+            async with exec_socket(daemon.ws) as stalled, exec_socket(daemon.ws) as reader:
+                await stalled.send(
+                    type="execute",
+                    command="sleep 0.5; head -c 50000000 /dev/urandom | base64 -w 0",
+                    command_id=command_id,
+                )
+                await stalled.recv_until("started")  # and then never reads again
+                await reader.send(type="reconnect", command_id=command_id)
+                t = await reader.collect()
+                live = daemon.running.supervisor.sessions[command_id]
+                # The stalled client is still attached, and far behind.
+                assert len(live.core.attachments) == 1
+    t.assert_contiguous()
+    assert "gap" not in t.types
+    assert len(t.text("stdout")) == 66_666_668  # every byte of 50 MB of base64
+    assert t.terminal["exit_code"] == 0
+
+
+async def test_a_client_behind_the_ring_sees_the_offset_jump_and_a_gap_frame() -> None:
+    async with running_daemon(ring_bytes=256 * 1024) as daemon:
+        with trio.fail_after(30):
+            command_id = uuid.uuid4().hex
+            async with exec_socket(daemon.ws) as client:
+                await client.send(
+                    type="execute", command="seq 1 300000; sleep 0.2", command_id=command_id
+                )
+                await client.recv_until("started")
+            live = daemon.running.supervisor.sessions[command_id]
+            while live.core.state.value == "running":
+                await live.wait_changed()
+            async with exec_socket(daemon.ws) as client:
+                await client.send(type="reconnect", command_id=command_id)
+                t = await client.collect()
+    gap = t.frames[1]
+    assert gap["type"] == "gap" and gap["stream"] == "stdout" and gap["from"] == 0
+    assert t.frames[2]["offset"] == gap["to"] > 0
+    t.assert_contiguous(stdout_from=gap["to"])
+
+
+async def test_two_gigabytes_of_output_keep_the_daemons_memory_bounded() -> None:
+    me = psutil.Process(os.getpid())
+    async with running_daemon(ring_bytes=1024 * 1024, buffer_cap_bytes=4 * 1024 * 1024) as daemon:
+        with trio.fail_after(240):
+            command_id = uuid.uuid4().hex
+            baseline = me.memory_info().rss
+            peak = baseline
+            async with exec_socket(daemon.ws) as client:
+                await client.send(
+                    type="execute",
+                    command="head -c 2000000000 /dev/zero",
+                    command_id=command_id,
+                )
+                await client.recv_until("started")
+            live = daemon.running.supervisor.sessions[command_id]
+            while live.core.state.value == "running":
+                with trio.move_on_after(0.2):
+                    await live.reaped.wait()
+                peak = max(peak, me.memory_info().rss)
+                assert daemon.running.supervisor.pool.total <= 4 * 1024 * 1024
+    assert live.core.stdout.end == 2_000_000_000
+    assert live.core.stdout.size <= 1024 * 1024
+    assert peak - baseline < 64 * 1024 * 1024
+
+
+async def test_many_commands_run_concurrently_with_exact_results(daemon: Daemon) -> None:
+    results: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await run_command(daemon.ws, f"echo {i}; exit {i % 256}")
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(one, i)
+    for i, t in results.items():
+        assert t.text("stdout") == f"{i}\n" and t.terminal["exit_code"] == i % 256
