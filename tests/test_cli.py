@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from sandboxd.cli import build_parser, parse_args
 from sandboxd.config import Config
 

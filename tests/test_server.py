@@ -98,7 +98,19 @@ async def test_a_signal_death_is_reported_with_its_name(daemon: Daemon) -> None:
             t = await client.collect()
     assert t.terminal["exit_code"] == 143 and t.terminal["signal"] == "TERM"
     assert t.terminal["reason"] == "exited"
-    assert t.terminal["cpu_seconds"] >= 0 and t.terminal["peak_rss_bytes"] > 0
+    assert t.terminal["cpu_seconds"] >= 0 and t.terminal["peak_rss_bytes"] is None
+
+
+async def test_the_exit_frame_reports_cpu_time_and_a_real_peak_rss(daemon: Daemon) -> None:
+    with trio.fail_after(20):
+        t = await run_command(
+            daemon.ws,
+            "python3 -c \"x = bytearray(300 * 1024 * 1024); import time; t = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\"",
+        )
+    assert t.terminal["exit_code"] == 0
+    assert t.terminal["peak_rss_bytes"] >= 300 * 1024 * 1024
+    assert 0.3 <= t.terminal["cpu_seconds"] < 5
 
 
 async def test_resize_changes_the_pty_size_and_fires_winch(daemon: Daemon) -> None:

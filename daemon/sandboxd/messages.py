@@ -151,13 +151,17 @@ class Gap(msgspec.Struct, tag="gap", tag_field="type"):
 
 
 class Exit(msgspec.Struct, tag="exit", tag_field="type"):
-    """Terminal: the command ended. ``exit_code`` is 128+N for a death by signal N."""
+    """Terminal: the command ended. ``exit_code`` is 128+N for a death by signal N.
+
+    ``peak_rss_bytes`` is null when the command stayed below what the kernel lets us
+    measure (see ``process.exit_status``).
+    """
 
     exit_code: int
     signal: str | None = None
     reason: str = "exited"
     cpu_seconds: float = 0.0
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int | None = None
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type"):

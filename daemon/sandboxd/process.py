@@ -20,6 +20,7 @@ import fcntl
 import grp
 import os
 import pwd
+import resource
 import signal
 import struct
 import subprocess
@@ -70,6 +71,10 @@ class Child:
     input_fd: int | None
     pty: bool
     popen: subprocess.Popen[bytes] | None = None
+    spawner_peak_kib: int = 0  # the daemon's own peak RSS when it spawned this child
+
+    def __post_init__(self) -> None:
+        self.spawner_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def clean_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
@@ -265,10 +270,17 @@ def _spawn_as_user(request: SpawnRequest, user: _User) -> Child:
     return Child(popen.pid, output_fd, error_fd, input_fd, request.pty, popen)
 
 
-def exit_status(status: int, usage: object) -> ExitStatus:
-    """A ``wait4`` result as an ``ExitStatus``: 128+N for a death by signal N."""
+def exit_status(status: int, usage: object, spawner_peak_kib: int = 0) -> ExitStatus:
+    """A ``wait4`` result as an ``ExitStatus``: 128+N for a death by signal N.
+
+    A vfork-style spawn runs the child in the daemon's memory until its exec, and Linux
+    then counts the daemon's peak RSS into the child's ``ru_maxrss``. A value no higher
+    than the daemon's peak at spawn time therefore says only "at most this much", and
+    is reported as unknown (None); a higher one is the command's real peak.
+    """
     cpu = float(getattr(usage, "ru_utime", 0.0)) + float(getattr(usage, "ru_stime", 0.0))
-    rss = int(getattr(usage, "ru_maxrss", 0)) * 1024  # Linux reports KiB
+    maxrss_kib = int(getattr(usage, "ru_maxrss", 0))
+    rss = maxrss_kib * 1024 if maxrss_kib > spawner_peak_kib else None
     if os.WIFSIGNALED(status):
         signo = os.WTERMSIG(status)
         return ExitStatus(128 + signo, signo, cpu, rss)
@@ -281,11 +293,13 @@ class Reaper:
     def __init__(self) -> None:
         self._owners: dict[int, Callable[[ExitStatus], None]] = {}
         self._popens: dict[int, subprocess.Popen[bytes]] = {}
+        self._spawner_peaks: dict[int, int] = {}
         self.orphans_reaped = 0
 
     def watch(self, child: Child, on_exit: Callable[[ExitStatus], None]) -> None:
         """Call ``on_exit`` (on the trio thread) when ``child`` is reaped."""
         self._owners[child.pid] = on_exit
+        self._spawner_peaks[child.pid] = child.spawner_peak_kib
         if child.popen is not None:
             self._popens[child.pid] = child.popen
 
@@ -304,7 +318,7 @@ class Reaper:
             if pid == 0:
                 return
             popen = self._popens.pop(pid, None)
-            result = exit_status(status, usage)
+            result = exit_status(status, usage, self._spawner_peaks.pop(pid, 0))
             if popen is not None:
                 popen.returncode = result.code
             owner = self._owners.pop(pid, None)

@@ -74,7 +74,7 @@ class ExitStatus:
     code: int  # exit status, or 128+N for a death by signal N
     signal: int | None = None
     cpu_seconds: float = 0.0
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
