@@ -105,8 +105,8 @@ async def test_the_exit_frame_reports_cpu_time_and_a_real_peak_rss(daemon: Daemo
     with trio.fail_after(20):
         t = await run_command(
             daemon.ws,
-            "python3 -c \"x = bytearray(300 * 1024 * 1024); import time; t = time.process_time()\n"
-            "while time.process_time() - t < 0.3: pass\"",
+            'python3 -c "x = bytearray(300 * 1024 * 1024); import time; t = time.process_time()\n'
+            'while time.process_time() - t < 0.3: pass"',
         )
     assert t.terminal["exit_code"] == 0
     assert t.terminal["peak_rss_bytes"] >= 300 * 1024 * 1024

@@ -63,24 +63,24 @@ class ExecConnection:
         self._pending: list[ControlMessage] = []
         self._scope = trio.CancelScope()
         self.live: LiveSession | None = None
+        self._attachment: Attachment | None = None
         self.started_sent = False
         self._closed = False
 
     async def run(self) -> None:
         """Serve the socket until the command's end, an error, or the client leaves."""
-        attachment: Attachment | None = None
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receive_loop)
-                    attachment = await self._bind()
-                    if attachment is not None:
-                        assert self.live is not None
-                        await self._stream(self.live, attachment)
+                    if await self._bind():
+                        assert self.live is not None and self._attachment is not None
+                        await self._stream(self.live, self._attachment)
                     nursery.cancel_scope.cancel()
         finally:
-            if attachment is not None and self.live is not None:
-                self._supervisor.detach(self.live, attachment)
+            # Also when the client vanished between attaching and the first frame.
+            if self._attachment is not None and self.live is not None:
+                self._supervisor.detach(self.live, self._attachment)
 
     async def going_away(self) -> None:
         """The daemon is stopping: 1001 once ``started`` went out (the SDKs then
@@ -137,7 +137,8 @@ class ExecConnection:
 
     # ---- binding and streaming --------------------------------------------------------
 
-    async def _bind(self) -> Attachment | None:
+    async def _bind(self) -> bool:
+        """Attach to the command the binding frame names; False when refused."""
         await self._bound.wait()
         message = self._bind_message
         assert message is not None
@@ -156,9 +157,9 @@ class ExecConnection:
                 extra={"error_type": exc.error_type, "error": exc.message, "peer": self._peer},
             )
             await self._fail(exc)
-            return None
+            return False
         self.live = live
-        attachment = supervisor.attach(live, *offsets)
+        self._attachment = supervisor.attach(live, *offsets)
         log.info(
             "client attached",
             extra={
@@ -177,7 +178,7 @@ class ExecConnection:
                 await self._apply(live, control)
             except SandboxdError as exc:
                 await self._fail(exc)
-        return attachment
+        return True
 
     async def _stream(self, live: LiveSession, attachment: Attachment) -> None:
         core = live.core
