@@ -94,3 +94,46 @@ def test_a_port_in_use_is_a_clear_error_and_exit_1() -> None:
     assert done.returncode == 1
     entry = json.loads(done.stderr.strip().splitlines()[-1])
     assert entry["msg"] == "cannot start" and "in use" in entry["error"]
+
+
+def test_a_client_that_never_reads_cannot_keep_the_daemon_from_stopping() -> None:
+    import base64
+    import os
+    import socket
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandboxd", "--listen", "127.0.0.1:0", "--stop-grace", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    with proc.stderr, socket.socket() as sock:
+        port = int(json.loads(proc.stderr.readline())["address"].rsplit(":", 1)[1])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            (
+                "GET /execute/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += sock.recv(1)
+        assert response.startswith(b"HTTP/1.1 101")
+        payload = json.dumps({"type": "execute", "command": "yes"}).encode()
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+        time.sleep(1.0)  # the daemon's writes to this socket are now blocked
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - started
+        rest = [json.loads(line) for line in proc.stderr.read().splitlines()]
+        assert code == 0, rest
+    assert took < 20
+    assert any(entry["msg"] in ("stopped", "graceful stop overran; exiting now") for entry in rest)

@@ -12,6 +12,7 @@ import uuid
 import psutil
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from tests.helpers import Daemon, exec_socket, open_ws, rejection, run_command, running_daemon
 
@@ -551,3 +552,31 @@ async def test_bad_frames_get_an_invalid_request_error_and_the_command_lives_on(
     assert wrong_type.frames[0]["error_type"] == "InvalidRequest"
     assert "Expected `str`, got `int`" in wrong_type.frames[0]["error"]
     assert t.text("stdout") == "fine\n"
+
+
+async def test_shutdown_sends_1001_to_a_client_still_reading_after_the_commands_ended() -> None:
+    command_id = new_id()
+    async with running_daemon(stop_grace=0.5) as daemon:
+        with trio.fail_after(20):
+            async with exec_socket(daemon.ws) as client:
+                await client.send(
+                    type="execute",
+                    command="head -c 8000000 /dev/zero | tr '\\0' a; sleep 60",
+                    command_id=command_id,
+                )
+                await client.recv_until("started")
+            live = daemon.running.supervisor.sessions[command_id]
+            while live.core.stdout.end < 8_000_000:  # nobody attached: read at full speed
+                await live.wait_changed()
+            async with exec_socket(daemon.ws) as client:
+                await client.send(type="reconnect", command_id=command_id)
+                await client.recv_until("started")
+                daemon.running.stop.set()
+                try:
+                    while True:
+                        await client.recv()
+                        await trio.sleep(0.05)  # a slow reader: far from the end for seconds
+                except ConnectionClosed as closed:
+                    code = closed.reason.code
+    assert code == 1001
+    assert "exit" not in client.transcript.types

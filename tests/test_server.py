@@ -227,3 +227,27 @@ async def test_many_commands_run_concurrently_with_exact_results(daemon: Daemon)
                 nursery.start_soon(one, i)
     for i, t in results.items():
         assert t.text("stdout") == f"{i}\n" and t.terminal["exit_code"] == i % 256
+
+
+async def test_a_connection_that_breaks_http_is_closed_alone(daemon: Daemon) -> None:
+    host, port = daemon.running.address.rsplit(":", 1)
+    command_id = uuid.uuid4().hex
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as bystander:
+            await bystander.send(type="execute", command="read x; echo $x", command_id=command_id)
+            await bystander.recv_until("started")
+            # WebSocket data sent before the upgrade is answered: hypercorn's h11 layer
+            # raises on it. That must end this connection only.
+            rogue = await trio.open_tcp_stream(host, int(port))
+            async with rogue:
+                await rogue.send_all(
+                    b"GET /execute/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n\x81\x85abcd" + b"\x00" * 5
+                )
+                while await rogue.receive_some(65536):
+                    pass
+            await bystander.send(type="input", data="unharmed\n")
+            t = await bystander.collect()
+        status, _ = await http_get(daemon, "/healthz")
+    assert t.text("stdout") == "unharmed\n" and status == 200

@@ -105,6 +105,11 @@ def _ensure_standard_fds() -> None:
             os.open(os.devnull, os.O_RDWR)
 
 
+#: After the stop grace, how long a graceful stop may still take before the process
+#: exits anyway (a client that stopped reading can pin a socket write forever).
+STOP_OVERRUN_SECONDS = 10.0
+
+
 async def _main(config: Config) -> None:
     sock = make_listen_socket(config)
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
@@ -114,6 +119,12 @@ async def _main(config: Config) -> None:
                 log.info("signal received", extra={"signal": signal.Signals(signo).name})
                 running.stop.set()
                 break
+            with trio.move_on_after(config.stop_grace + STOP_OVERRUN_SECONDS):
+                await running.done.wait()
+            if not running.done.is_set():
+                log.warning("graceful stop overran; exiting now")
+                logging.shutdown()
+                os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

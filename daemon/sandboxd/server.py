@@ -101,10 +101,16 @@ class App:
         await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": body})
 
-    async def going_away(self) -> None:
-        """Close every exec socket for a shutdown (1001 after ``started``)."""
-        for connection in list(self.connections):
-            await connection.going_away()
+    async def going_away(self, within: float = 1.0) -> None:
+        """Close every exec socket for a shutdown (1001 after ``started``).
+
+        A socket whose client stopped reading can hold its send forever (hypercorn
+        shields socket writes), so this gives up after ``within`` seconds.
+        """
+        with trio.move_on_after(within):
+            async with trio.open_nursery() as nursery:
+                for connection in list(self.connections):
+                    nursery.start_soon(connection.going_away)
 
     # ---- HTTP ---------------------------------------------------------------------
 

@@ -11,13 +11,11 @@ import socket
 from dataclasses import dataclass
 
 import trio
-from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
 
 from sandboxd import process, wsoptions
 from sandboxd.config import Config
+from sandboxd.httpserver import serve_http
 from sandboxd.server import App
 from sandboxd.supervisor import Supervisor
 
@@ -52,6 +50,7 @@ class Running:
     app: App
     supervisor: Supervisor
     stop: trio.Event
+    done: trio.Event
 
 
 def _hypercorn_config(config: Config) -> HypercornConfig:
@@ -89,20 +88,22 @@ async def serve(
             server_stopped = trio.Event()
             server_done = trio.Event()
 
-            async def run_server() -> None:
+            async def run_server(task_status: trio.TaskStatus[None]) -> None:
                 try:
-                    await worker_serve(
-                        ASGIWrapper(app),  # type: ignore[arg-type]  # raw dict-typed ASGI
+                    await serve_http(
+                        app,
                         _hypercorn_config(config),
-                        sockets=Sockets([], [sock], []),
-                        shutdown_trigger=server_stopped.wait,
+                        sock,
+                        server_stopped,
+                        task_status=task_status,
                     )
                 finally:
                     server_done.set()
 
-            nursery.start_soon(run_server)
+            await nursery.start(run_server)
             log.info("listening", extra={"address": address})
-            task_status.started(Running(address, app, supervisor, stop))
+            running = Running(address, app, supervisor, stop, trio.Event())
+            task_status.started(running)
             await stop.wait()
             log.info("stopping", extra={"sessions": len(supervisor.sessions)})
             await supervisor.stop_all(config.stop_grace)
@@ -115,3 +116,4 @@ async def serve(
             sessions_nursery.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
     log.info("stopped")
+    running.done.set()
