@@ -580,3 +580,17 @@ async def test_shutdown_sends_1001_to_a_client_still_reading_after_the_commands_
                     code = closed.reason.code
     assert code == 1001
     assert "exit" not in client.transcript.types
+
+
+async def test_commands_never_see_the_daemons_private_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("NOTIFY_SOCKET", "LISTEN_FDS", "WATCHDOG_USEC", "SANDBOXD_TOKEN"):
+        monkeypatch.setenv(name, "private")
+    monkeypatch.setenv("IMAGE_SETTING", "visible")
+    async with running_daemon() as daemon:
+        with trio.fail_after(10):
+            t = await run_command(daemon.ws, "env")
+    seen = dict(line.split("=", 1) for line in t.text("stdout").splitlines() if "=" in line)
+    assert seen["IMAGE_SETTING"] == "visible"
+    assert not {"NOTIFY_SOCKET", "LISTEN_FDS", "WATCHDOG_USEC", "SANDBOXD_TOKEN"} & seen.keys()
