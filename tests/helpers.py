@@ -181,3 +181,65 @@ async def run_command(url: str, command: str, **fields: Any) -> Transcript:
     async with exec_socket(url) as client:
         await client.send(**frame)
         return await client.collect()
+
+
+@dataclass
+class HttpResponse:
+    """A complete HTTP response."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def http_request(
+    address: str,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> HttpResponse:
+    """One HTTP/1.1 request over a fresh connection (h11, no extra client library)."""
+    import h11
+
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        sent = {"host": address, "content-length": str(len(body)), **(headers or {})}
+        request = h11.Request(method=method, target=path, headers=list(sent.items()))
+        payload = conn.send(request) or b""
+        if body:
+            payload += conn.send(h11.Data(data=body)) or b""
+        payload += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(payload)
+        response: h11.Response | None = None
+        chunks: list[bytes] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+    assert response is not None
+    found = {k.decode().lower(): v.decode() for k, v in response.headers}
+    return HttpResponse(response.status_code, found, b"".join(chunks))
+
+
+def multipart(
+    content: bytes, name: str = "file", boundary: str = "sandboxd-test-b0undary"
+) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body with one part, as the SDKs send it."""
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="file"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return head + content + tail, {"content-type": f"multipart/form-data; boundary={boundary}"}

@@ -22,6 +22,7 @@ from sandboxd import __version__
 from sandboxd.config import Config
 from sandboxd.logs import setup_logging
 from sandboxd.service import Running, make_listen_socket, serve
+from sandboxd.tunnel import PortPolicy
 
 log = logging.getLogger("sandboxd")
 
@@ -91,6 +92,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     try:
         config = msgspec.convert(values, Config, strict=False)
         config.listen_host_port()
+        PortPolicy(config.tunnel_ports, 0)
     except (msgspec.ValidationError, ValueError) as exc:
         parser.error(str(exc))
     return config

@@ -72,6 +72,18 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ws_max_message_bytes: Annotated[
         int, msgspec.Meta(ge=KiB), _doc("largest WebSocket message accepted from a client")
     ] = 8 * MiB
+    sse_ack_bytes: Annotated[
+        int,
+        msgspec.Meta(ge=CHUNK_BYTES),
+        _doc("output one SSE response carries before it asks the client to resume"),
+    ] = 8 * MiB
+    search_deadline_seconds: Annotated[
+        float, msgspec.Meta(gt=0), _doc("time limit of one /glob or /grep walk")
+    ] = 10.0
+    tunnel_ports: Annotated[
+        str,
+        _doc("ports /tunnel may reach, e.g. '22,8000-9000'; empty: all but sandboxd's own"),
+    ] = ""
     ws_compression: Annotated[
         bool, _doc("accept permessage-deflate when a client offers it (costs CPU)")
     ] = False

@@ -12,7 +12,14 @@ daemon; only the server translates them to the wire (as httpx does with its own)
     ├── SpawnFailed                (CommandError, 500): shell, work dir or user unusable
     ├── CommandTimeout             (CommandTimeout, 408): reported instead of ``exit``
     ├── TooManySessions            (TooManySessions, 503): the session cap is reached
-    └── ServerShuttingDown         (ServerShuttingDown, 503): the daemon is stopping
+    ├── ServerShuttingDown         (ServerShuttingDown, 503): the daemon is stopping
+    ├── NotFound                   (NotFound, 404): no such endpoint
+    ├── MethodNotAllowed           (MethodNotAllowed, 405)
+    ├── PayloadTooLarge            (PayloadTooLarge, 413): a body over its limit
+    ├── FileNotFound               (FileNotFound, 404): the path does not exist
+    ├── PermissionDenied           (PermissionDenied, 403): the filesystem refused
+    ├── ReadError                  (ReadError, 500): reading a file failed otherwise
+    └── WriteError                 (WriteError, 500): writing a file failed otherwise
 """
 
 from __future__ import annotations
@@ -77,3 +84,52 @@ class ServerShuttingDown(SandboxdError):
 
     error_type = "ServerShuttingDown"
     http_status = 503
+
+
+class NotFound(SandboxdError):
+    """No endpoint at that path."""
+
+    error_type = "NotFound"
+    http_status = 404
+
+
+class MethodNotAllowed(SandboxdError):
+    """The endpoint exists, but not for that method."""
+
+    error_type = "MethodNotAllowed"
+    http_status = 405
+
+
+class PayloadTooLarge(SandboxdError):
+    """A request body over its limit."""
+
+    error_type = "PayloadTooLarge"
+    http_status = 413
+
+
+class FileNotFound(SandboxdError):
+    """The requested file or directory does not exist."""
+
+    error_type = "FileNotFound"
+    http_status = 404
+
+
+class PermissionDenied(SandboxdError):
+    """The filesystem refused the daemon access."""
+
+    error_type = "PermissionDenied"
+    http_status = 403
+
+
+class ReadError(SandboxdError):
+    """Reading a file failed (it is a directory, an I/O error, ...)."""
+
+    error_type = "ReadError"
+    http_status = 500
+
+
+class WriteError(SandboxdError):
+    """Writing a file failed (no space, a directory in the way, ...)."""
+
+    error_type = "WriteError"
+    http_status = 500

@@ -1,37 +1,48 @@
-"""The raw ASGI application served by hypercorn's trio worker.
+"""The raw ASGI application served on hypercorn's trio protocol stack.
 
-Routing, the HTTP error body of protocol.md §1.3, and the small HTTP endpoints of the
-daemon itself (``/healthz``, ``/sessions``). ``/execute/ws`` lives in ``exec_ws.py``.
+Routing (duplicate slashes collapse, so a dataplane URL ending in ``/`` works), the
+error body of protocol.md §1.3 for every failure, and the daemon's own endpoints
+(``/healthz``, ``/sessions``). The endpoints themselves live in ``exec_ws.py``,
+``files.py``, ``search.py``, ``sse.py`` and ``tunnel.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any
 
-import msgspec
 import trio
 
-from sandboxd import __version__
-from sandboxd.errors import SandboxdError, ServerShuttingDown
+from sandboxd import __version__, files, search
+from sandboxd.config import Config
+from sandboxd.errors import (
+    MethodNotAllowed,
+    NotFound,
+    SandboxdError,
+    ServerShuttingDown,
+)
 from sandboxd.exec_ws import ExecConnection
+from sandboxd.httpio import (
+    ClientGone,
+    Handler,
+    Receive,
+    Scope,
+    Send,
+    error_body,
+    read_json,
+    respond_error,
+    respond_json,
+)
+from sandboxd.sse import SseEndpoints
 from sandboxd.supervisor import Supervisor
+from sandboxd.tunnel import PortPolicy, serve_tunnel
 
 log = logging.getLogger("sandboxd.server")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
 _SLASHES = re.compile(r"/{2,}")
-_encoder = msgspec.json.Encoder()
 
-
-def error_body(error_type: str, message: str) -> bytes:
-    """The JSON body of every HTTP error: ``{"detail": {"error", "message"}}``."""
-    return _encoder.encode({"detail": {"error": error_type, "message": message}})
+#: WebSocket endpoints.
+WEBSOCKET_PATHS = ("/execute/ws", "/tunnel")
 
 
 def _peer(scope: Scope) -> str:
@@ -42,11 +53,26 @@ def _peer(scope: Scope) -> str:
 class App:
     """sandboxd's ASGI application."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervisor, config: Config, own_port: int) -> None:
         self.supervisor = supervisor
+        self.config = config
+        self.home = supervisor.home
+        self.tunnel_policy = PortPolicy(config.tunnel_ports, own_port)
         self.connections: set[ExecConnection] = set()
         self._no_connections = trio.Event()
         self._no_connections.set()
+        sse = SseEndpoints(supervisor, config.sse_ack_bytes)
+        self.http_routes: dict[str, dict[str, Handler]] = {
+            "/healthz": {"GET": self._healthz, "HEAD": self._healthz},
+            "/sessions": {"GET": self._sessions},
+            "/upload": {"POST": self._upload},
+            "/download": {"GET": self._download, "HEAD": self._download},
+            "/glob": {"POST": self._glob},
+            "/grep": {"POST": self._grep},
+            "/execute/stream/start": {"POST": sse.start},
+            "/execute/stream/resume": {"POST": sse.resume},
+            "/execute": {"POST": sse.execute},
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -57,7 +83,7 @@ class App:
         if kind == "websocket":
             await self._websocket(path, scope, receive, send)
         elif kind == "http":
-            await self._http(path, scope, send)
+            await self._http(path, scope, receive, send)
 
     # ---- WebSocket ----------------------------------------------------------------
 
@@ -65,7 +91,7 @@ class App:
         event = await receive()
         if event["type"] != "websocket.connect":
             return
-        if path != "/execute/ws":
+        if path not in WEBSOCKET_PATHS:
             await self._reject(send, 404, "NotFound", f"no WebSocket endpoint at {path}")
             return
         if self.supervisor.shutting_down:
@@ -74,6 +100,12 @@ class App:
             )
             return
         await send({"type": "websocket.accept"})
+        if path == "/tunnel":
+            try:
+                await serve_tunnel(receive, send, self.tunnel_policy)
+            except Exception:
+                log.exception("tunnel failed", extra={"peer": _peer(scope)})
+            return
         connection = ExecConnection(self.supervisor, receive, send, _peer(scope))
         self.connections.add(connection)
         if self._no_connections.is_set():
@@ -114,37 +146,57 @@ class App:
 
     # ---- HTTP ---------------------------------------------------------------------
 
-    async def _http(self, path: str, scope: Scope, send: Send) -> None:
+    async def _http(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         try:
-            if path == "/healthz" and method in ("GET", "HEAD"):
-                await self._json(send, 200, self._health(), head=method == "HEAD")
-            elif path == "/sessions" and method == "GET":
-                await self._json(send, 200, {"sessions": self.supervisor.snapshot()})
-            elif path in ("/healthz", "/sessions"):
-                await self._error(send, 405, "MethodNotAllowed", f"{method} is not allowed here")
-            else:
-                await self._error(send, 404, "NotFound", f"no endpoint at {path}")
+            methods = self.http_routes.get(path)
+            if methods is None:
+                raise NotFound(f"no endpoint at {path}")
+            handler = methods.get(method)
+            if handler is None:
+                raise MethodNotAllowed(f"{method} {path} is not allowed; use {', '.join(methods)}")
+            if self.supervisor.shutting_down and path.startswith("/execute"):
+                raise ServerShuttingDown("sandboxd is shutting down")
+            await handler(scope, receive, send)
         except SandboxdError as exc:
-            await self._error(send, exc.http_status, exc.error_type, exc.message)
+            log.info(
+                "request refused",
+                extra={"path": path, "error_type": exc.error_type, "error": exc.message},
+            )
+            retry = [("retry-after", "1")] if exc.http_status == 503 else []
+            await respond_error(send, exc, retry)
+        except ClientGone:
+            log.info("client left mid-request", extra={"path": path, "peer": _peer(scope)})
 
-    def _health(self) -> dict[str, object]:
+    async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
         supervisor = self.supervisor
-        return {
+        payload = {
             "status": "stopping" if supervisor.shutting_down else "ok",
             "version": __version__,
             "sessions": len(supervisor.sessions),
             "buffered_bytes": supervisor.pool.total,
             "orphans_reaped": supervisor.reaper.orphans_reaped,
         }
+        await respond_json(send, 200, payload, head=scope["method"] == "HEAD")
 
-    async def _json(self, send: Send, status: int, payload: object, head: bool = False) -> None:
-        body = _encoder.encode(payload)
-        await _respond(send, status, body, b"" if head else body)
+    async def _sessions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await respond_json(send, 200, {"sessions": self.supervisor.snapshot()})
 
-    async def _error(self, send: Send, status: int, error_type: str, message: str) -> None:
-        body = error_body(error_type, message)
-        await _respond(send, status, body, body)
+    async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await files.upload(scope, receive, send, self.home)
+
+    async def _download(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await files.download(scope, send, self.home, head=scope["method"] == "HEAD")
+
+    async def _glob(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await read_json(receive, search.GlobRequest)
+        result = await search.glob(request, self.config.search_deadline_seconds)
+        await respond_json(send, 200, result)
+
+    async def _grep(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await read_json(receive, search.GrepRequest)
+        result = await search.grep(request, self.config.search_deadline_seconds)
+        await respond_json(send, 200, result)
 
     # ---- lifespan -----------------------------------------------------------------
 
@@ -156,12 +208,3 @@ class App:
             elif event["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-            else:  # pragma: no cover - not sent by hypercorn
-                await trio.lowlevel.checkpoint()
-
-
-async def _respond(send: Send, status: int, body: bytes, sent_body: bytes) -> None:
-    """A complete JSON response; ``sent_body`` differs from ``body`` only for HEAD."""
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": sent_body})

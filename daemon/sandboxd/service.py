@@ -83,7 +83,7 @@ async def serve(
         await nursery.start(reaper.run)
         async with trio.open_nursery() as sessions_nursery:
             supervisor = Supervisor(config, reaper, sessions_nursery)
-            app = App(supervisor)
+            app = App(supervisor, config, port)
             stop = trio.Event()
             server_stopped = trio.Event()
             server_done = trio.Event()

@@ -197,7 +197,7 @@ class Supervisor:
         self._nursery = nursery
         self.shutting_down = False
         self._base_env = process.clean_environment(os.environ)
-        self._home = config.home if os.path.isdir(config.home) else "/"
+        self.home = config.home if os.path.isdir(config.home) else "/"
 
     # ---- lookup and creation ------------------------------------------------------
 
@@ -255,10 +255,10 @@ class Supervisor:
 
     def _spawn_request(self, msg: Execute) -> process.SpawnRequest:
         env = dict(self._base_env)
-        env.setdefault("HOME", self._home)
+        env.setdefault("HOME", self.home)
         run_config = msg.run_config
         extra = (run_config.env_vars if run_config else msg.env) or {}
-        work_dir = (run_config.work_dir if run_config else msg.cwd) or self._home
+        work_dir = (run_config.work_dir if run_config else msg.cwd) or self.home
         if msg.pty:
             env["TERM"] = self.config.term
         env.update(extra)
