@@ -210,7 +210,7 @@ class Supervisor:
             raise SessionExpired(f"Session expired: {command_id}")
         raise CommandNotFound(f"Command not found: {command_id}")
 
-    def get_or_create(self, msg: Execute) -> tuple[LiveSession, bool]:
+    def get_or_create(self, msg: Execute, via: str = "ws") -> tuple[LiveSession, bool]:
         """The session under ``msg.command_id``, started now if unknown.
 
         Synchronous from the check to the registration, so two executes with one id can
@@ -249,7 +249,7 @@ class Supervisor:
         self._nursery.start_soon(self._supervise, live)
         log.info(
             "command started",
-            extra={"command_id": command_id, "pid": child.pid, "pty": child.pty},
+            extra={"command_id": command_id, "pid": child.pid, "pty": child.pty, "via": via},
         )
         return live, True
 

@@ -10,6 +10,7 @@ import json
 import pathlib
 import shutil
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -28,10 +29,10 @@ if NODE is None or not (TS_DIR / "node_modules" / "langsmith").is_dir():
     )
 
 
-def scenario(daemon: DaemonProcess, name: str) -> dict[str, Any]:
+def scenario(daemon: DaemonProcess, name: str, *node_flags: str) -> dict[str, Any]:
     assert NODE is not None
     done = subprocess.run(
-        [NODE, "scenarios.mjs", daemon.url, name],
+        [NODE, *node_flags, "scenarios.mjs", daemon.url, name],
         cwd=TS_DIR,
         capture_output=True,
         text=True,
@@ -80,3 +81,31 @@ def test_pty(sandboxd: DaemonProcess) -> None:
 
 def test_timeout_raises_the_timeout_error(sandboxd: DaemonProcess) -> None:
     assert scenario(sandboxd, "timeout") == {"raised": "LangSmithCommandTimeoutError"}
+
+
+def test_files_search_and_their_errors(sandboxd: DaemonProcess) -> None:
+    result = scenario(sandboxd, "files")
+    assert result == {
+        "text": "héllo\nneedle line\n",
+        "size": 19,
+        "range": "needle",
+        "rangeStart": 7,
+        "past": "LangSmithSandboxOperationError",
+        "globbed": [["/sub/a.txt", False]],
+        "globTruncated": False,
+        "listed": [["/sub", True]],
+        "grepped": [["/sub/a.txt", 2, "needle line"]],
+        "missing": "LangSmithResourceNotFoundError",
+    }
+
+
+def test_without_ws_the_sdk_falls_back_to_blocking_execute(sandboxd: DaemonProcess) -> None:
+    result = scenario(sandboxd, "blocking", "--import", "./hide-ws.mjs")
+    assert result == {"stdout": "blocking\n", "stderr": "err\n", "exit_code": 6}
+    deadline = time.monotonic() + 5  # the log line may still be on its way
+    while time.monotonic() < deadline:
+        started = [e for e in sandboxd.logs if e.get("msg") == "command started"]
+        if started and started[-1]["via"] == "http":
+            break
+        time.sleep(0.05)
+    assert started[-1]["via"] == "http"

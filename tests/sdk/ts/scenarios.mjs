@@ -74,6 +74,44 @@ const scenarios = {
     return { stdout: r.stdout, exit_code: r.exit_code };
   },
 
+  async files() {
+    const dir = `/tmp/sandboxd-ts-${process.pid}`;
+    await sandbox.write(`${dir}/sub/a.txt`, "héllo\nneedle line\n");
+    const text = new TextDecoder().decode(await sandbox.read(`${dir}/sub/a.txt`));
+    const stat = await sandbox.stat(`${dir}/sub/a.txt`);
+    const range = await sandbox.readRange(`${dir}/sub/a.txt`, { start: 7, end: 12 });
+    const past = await sandbox.readRange(`${dir}/sub/a.txt`, { start: 100 }).then(
+      () => null,
+      (e) => e.constructor.name,
+    );
+    const globbed = await sandbox.glob("**/*.txt", dir);
+    const listed = await sandbox.ls(dir);
+    const grepped = await sandbox.grep("needle", dir, { glob: "*.txt" });
+    const missing = await sandbox.read(`${dir}/nope`).then(
+      () => null,
+      (e) => e.constructor.name,
+    );
+    await sandbox.run(`rm -rf ${dir}`, { timeout: 10 });
+    return {
+      text,
+      size: stat.size_bytes ?? stat.sizeBytes,
+      range: new TextDecoder().decode(range.content),
+      rangeStart: range.start,
+      past,
+      globbed: globbed.matches.map((m) => [m.path.slice(dir.length), m.is_dir]),
+      globTruncated: globbed.truncated,
+      listed: listed.matches.map((m) => [m.path.slice(dir.length), m.is_dir]),
+      grepped: grepped.matches.map((m) => [m.path.slice(dir.length), m.line, m.text]),
+      missing,
+    };
+  },
+
+  async blocking() {
+    // Run as `node --import ./hide-ws.mjs`: without `ws`, run() falls back to POST /execute.
+    const r = await sandbox.run("echo blocking; echo err >&2; exit 6", { timeout: 10 });
+    return { stdout: r.stdout, stderr: r.stderr, exit_code: r.exit_code };
+  },
+
   async timeout() {
     try {
       await sandbox.run("sleep 30", { timeout: 1 });
