@@ -10,7 +10,7 @@ import psutil
 import pytest
 import trio
 
-from tests.helpers import Daemon, http_request, multipart, running_daemon
+from tests.helpers import Daemon, http_request, multipart, run_command, running_daemon
 
 
 def q(path: str) -> str:
@@ -250,3 +250,17 @@ async def test_two_gigabyte_upload_and_download_stream_in_bounded_memory(
         target.unlink(missing_ok=True)
         await trio.to_thread.run_sync(stop_daemon, daemon)
     assert peak < 100 * 1024 * 1024, f"daemon RSS peaked at {peak / 2**20:.0f} MiB"
+
+
+async def test_a_missing_home_is_created_by_an_upload_to_a_relative_path(
+    tmp_path: pathlib.Path,
+) -> None:
+    home = tmp_path / "home" / "user"
+    async with running_daemon(home=str(home)) as daemon:
+        with trio.fail_after(10):
+            before = await http_request(daemon.running.address, "GET", "/download?path=a.txt")
+            assert await upload(daemon, "a.txt", b"made") == 200
+            t = await run_command(daemon.ws, "pwd")
+    assert before.status == 404
+    assert (home / "a.txt").read_bytes() == b"made"
+    assert t.text("stdout") == f"{home}\n"  # commands start there once it exists

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 PACKAGE = pathlib.Path(__file__).parent.parent / "daemon" / "sandboxd"
-CORE = ["errors", "config", "messages", "ringbuffer", "utf8", "session"]
+CORE = ["errors", "config", "messages", "ringbuffer", "utf8", "session", "paths", "yamux"]
 ALLOWED_THIRD_PARTY = {"msgspec"}
 
 

@@ -56,7 +56,9 @@ class App:
     def __init__(self, supervisor: Supervisor, config: Config, own_port: int) -> None:
         self.supervisor = supervisor
         self.config = config
-        self.home = supervisor.home
+        # Relative file paths always resolve from the configured home, even before it
+        # exists: an upload then creates it, a read answers 404.
+        self.home = config.home
         self.tunnel_policy = PortPolicy(config.tunnel_ports, own_port)
         self.connections: set[ExecConnection] = set()
         self._no_connections = trio.Event()

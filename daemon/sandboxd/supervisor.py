@@ -197,7 +197,6 @@ class Supervisor:
         self._nursery = nursery
         self.shutting_down = False
         self._base_env = process.clean_environment(os.environ)
-        self.home = config.home if os.path.isdir(config.home) else "/"
 
     # ---- lookup and creation ------------------------------------------------------
 
@@ -254,11 +253,13 @@ class Supervisor:
         return live, True
 
     def _spawn_request(self, msg: Execute) -> process.SpawnRequest:
+        # The home may appear later (an upload creates it): look each time.
+        home = self.config.home if os.path.isdir(self.config.home) else "/"
         env = dict(self._base_env)
-        env.setdefault("HOME", self.home)
+        env.setdefault("HOME", home)
         run_config = msg.run_config
         extra = (run_config.env_vars if run_config else msg.env) or {}
-        work_dir = (run_config.work_dir if run_config else msg.cwd) or self.home
+        work_dir = (run_config.work_dir if run_config else msg.cwd) or home
         if msg.pty:
             env["TERM"] = self.config.term
         env.update(extra)
