@@ -10,14 +10,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import trio
-from sandboxd.config import Config
-from sandboxd.service import Running, make_listen_socket, serve
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
     wrap_client_stream,
 )
+
+from sandboxd.config import Config
+from sandboxd.service import Running, make_listen_socket, serve
 
 #: What the Python SDK accepts at most in one message; the daemon must stay below it.
 SDK_MAX_MESSAGE = 2**20

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from sandboxd.cli import build_parser, parse_args
 from sandboxd.config import Config
 

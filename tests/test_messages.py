@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from sandboxd.errors import InvalidRequest
 from sandboxd.messages import (
     CloseStdin,

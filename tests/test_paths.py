@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sandboxd.errors import InvalidRequest
 from sandboxd.paths import (
     ByteRange,

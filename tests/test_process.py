@@ -10,6 +10,7 @@ import signal
 import psutil
 import pytest
 import trio
+
 from sandboxd import process
 from sandboxd.errors import InvalidRequest, SpawnFailed
 from sandboxd.session import ExitStatus

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import trio
+
 from sandboxd import search
 from sandboxd.paths import compile_glob
-
 from tests.helpers import Daemon, HttpResponse, http_request, running_daemon
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from sandboxd.ringbuffer import RingBuffer
 from sandboxd.session import (
     EndReason,

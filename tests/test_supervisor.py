@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+
 from sandboxd import process
 from sandboxd.config import Config
 from sandboxd.errors import CommandNotFound, SessionExpired

@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 import trio
-from sandboxd import yamux
-from sandboxd.yamux import Flag, Frame, FrameReader, FrameType
 from trio_websocket import WebSocketConnection
 
+from sandboxd import yamux
+from sandboxd.yamux import Flag, Frame, FrameReader, FrameType
 from tests.helpers import Daemon, open_ws, running_daemon
 
 

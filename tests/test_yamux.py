@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from sandboxd import yamux
 from sandboxd.yamux import Flag, Frame, FrameReader, FrameType
 
