@@ -216,13 +216,23 @@ class ExecConnection:
     async def _send(self, message: ServerMessage) -> None:
         async with self._send_lock:
             if not self._closed:
-                await self._asgi_send({"type": "websocket.send", "text": encode_text(message)})
+                await self._write({"type": "websocket.send", "text": encode_text(message)})
 
     async def _close(self, code: int) -> None:
         async with self._send_lock:
             if not self._closed:
                 self._closed = True
-                await self._asgi_send({"type": "websocket.close", "code": code})
+                await self._write({"type": "websocket.close", "code": code})
+
+    async def _write(self, event: dict[str, Any]) -> None:
+        """Hand one event to hypercorn. When the client closes at the same moment,
+        hypercorn's own close handling can collide with this write on the socket
+        (``BusyResourceError``): the connection is ending either way, so that is the end."""
+        try:
+            await self._asgi_send(event)
+        except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._closed = True
+            self._scope.cancel()
 
     async def _fail(self, exc: SandboxdError) -> None:
         """Answer with an ``error`` frame and close; the command itself is untouched."""
