@@ -80,7 +80,7 @@ def websocketd_path() -> str | None:
 
 
 def start_websocketd(command: str, *, binary: bool) -> Server:
-    """websocketd running ``sh -c command`` for every connection."""
+    """websocketd running ``bash -c command`` for every connection."""
     path = websocketd_path()
     if path is None:
         raise RuntimeError("websocketd is not installed (make bench installs it)")
@@ -92,7 +92,7 @@ def start_websocketd(command: str, *, binary: bool) -> Server:
             "--address=127.0.0.1",
             f"--binary={'true' if binary else 'false'}",
             "--loglevel=error",
-            "/bin/sh",
+            "/bin/bash",  # the shell sandboxd runs commands with (the SDKs' default)
             "-c",
             command,
         ],

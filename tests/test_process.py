@@ -231,3 +231,31 @@ def test_signal_names_and_numbers_parse() -> None:
         process.parse_signal("NOPE")
     with pytest.raises(InvalidRequest):
         process.parse_signal(0)
+
+
+async def test_a_child_reaped_before_it_is_watched_still_gets_its_status() -> None:
+    reaper = process.Reaper()
+    since = reaper.sequence
+    child = process.spawn(request("exit 7"))
+    close_fds(child)
+    while reaper.sequence == since:  # it exits and is reaped before anyone watches it
+        reaper.reap_all()
+        await trio.sleep(0.01)
+    statuses: list[ExitStatus] = []
+    reaper.watch(child, statuses.append, since=since)
+    assert [s.code for s in statuses] == [7]
+    assert reaper.orphans_reaped == 0 and reaper.watched == 0
+
+
+async def test_a_stale_status_of_a_reused_pid_is_not_handed_out() -> None:
+    reaper = process.Reaper()
+    orphan = process.spawn(request("exit 3"))
+    close_fds(orphan)
+    while reaper.sequence == 0:
+        reaper.reap_all()
+        await trio.sleep(0.01)
+    # A later spawn that happened to get the same pid must not receive that status.
+    statuses: list[ExitStatus] = []
+    reaper.watch(orphan, statuses.append, since=reaper.sequence)
+    assert statuses == [] and reaper.watched == 1
+    assert reaper.orphans_reaped == 1

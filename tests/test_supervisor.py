@@ -24,7 +24,12 @@ from sandboxd.supervisor import Supervisor
 
 
 class FakeReaper(process.Reaper):
-    def watch(self, child: process.Child, on_exit: Callable[[ExitStatus], None]) -> None:
+    def watch(
+        self,
+        child: process.Child,
+        on_exit: Callable[[ExitStatus], None],
+        since: int | None = None,
+    ) -> None:
         self._owners[child.pid] = on_exit
 
 
@@ -82,7 +87,7 @@ async def test_timeout_kills_at_exactly_the_deadline(
 ) -> None:
     supervisor, children = fakes
     start = trio.current_time()
-    live, created = supervisor.get_or_create(execute(timeout_seconds=60))
+    live, created = await supervisor.get_or_create(execute(timeout_seconds=60))
     assert created
     attachment = supervisor.attach(live, 0, 0)
     await live.reaped.wait()
@@ -97,7 +102,7 @@ async def test_idle_timeout_counts_from_the_last_detach(
     fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
 ) -> None:
     supervisor, children = fakes
-    live, _ = supervisor.get_or_create(execute(timeout_seconds=0, idle_timeout_seconds=300))
+    live, _ = await supervisor.get_or_create(execute(timeout_seconds=0, idle_timeout_seconds=300))
     attachment = supervisor.attach(live, 0, 0)
     await trio.sleep(1000)
     assert children.kills == []  # attached: never idle
@@ -111,7 +116,7 @@ async def test_kill_on_disconnect_kills_at_the_moment_the_last_client_leaves(
     fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
 ) -> None:
     supervisor, children = fakes
-    live, _ = supervisor.get_or_create(execute(kill_on_disconnect=True))
+    live, _ = await supervisor.get_or_create(execute(kill_on_disconnect=True))
     first, second = supervisor.attach(live, 0, 0), supervisor.attach(live, 0, 0)
     await trio.sleep(5)
     supervisor.detach(live, first)
@@ -125,7 +130,7 @@ async def test_ttl_removes_a_finished_session_at_exactly_its_end(
     fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
 ) -> None:
     supervisor, children = fakes
-    live, _ = supervisor.get_or_create(execute(ttl_seconds=600, timeout_seconds=0))
+    live, _ = await supervisor.get_or_create(execute(ttl_seconds=600, timeout_seconds=0))
     children.write(live.child.pid, b"bye\n")
     await trio.sleep(1)
     children.exit(live.child.pid, ExitStatus(0))
@@ -148,7 +153,7 @@ async def test_output_held_by_a_left_behind_child_is_drained_for_a_bounded_time(
     fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
 ) -> None:
     supervisor, children = fakes
-    live, _ = supervisor.get_or_create(execute(timeout_seconds=0))
+    live, _ = await supervisor.get_or_create(execute(timeout_seconds=0))
     pid = live.child.pid
     writers = children.writers[pid]
     # The leader exits, but a "grandchild" still holds stdout open.
@@ -166,8 +171,8 @@ async def test_get_or_create_with_a_known_id_never_spawns_again(
     fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
 ) -> None:
     supervisor, children = fakes
-    first, created = supervisor.get_or_create(execute())
-    again, created_again = supervisor.get_or_create(execute(command="other"))
+    first, created = await supervisor.get_or_create(execute())
+    again, created_again = await supervisor.get_or_create(execute(command="other"))
     assert created and not created_again and first is again
     assert len(children.writers) == 1
     children.kill_tree(first.child.pid, signal.SIGKILL)

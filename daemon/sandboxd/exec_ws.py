@@ -145,7 +145,7 @@ class ExecConnection:
         supervisor = self._supervisor
         try:
             if isinstance(message, Execute):
-                live, created = supervisor.get_or_create(message)
+                live, created = await supervisor.get_or_create(message)
                 offsets = (0, 0)
             else:
                 live = supervisor.lookup(message.command_id)
@@ -160,7 +160,7 @@ class ExecConnection:
             return False
         self.live = live
         self._attachment = supervisor.attach(live, *offsets)
-        log.info(
+        log.debug(
             "client attached",
             extra={
                 "command_id": live.command_id,

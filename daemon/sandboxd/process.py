@@ -25,6 +25,8 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +39,9 @@ from sandboxd.session import ExitStatus
 #: Every catchable classic signal: their dispositions are reset to default in the child,
 #: so a daemon that ignores one (SIGPIPE, as Python does) does not pass that on.
 _DEFAULT_SIGNALS = frozenset(range(1, 32)) - {signal.SIGKILL, signal.SIGSTOP}
+
+#: Held while the process's cwd is changed for a spawn (spawns run in worker threads).
+_CWD_LOCK = threading.Lock()
 
 #: Variables of the daemon's environment that never reach a command.
 _PRIVATE_ENV_PREFIXES = ("SANDBOXD_", "LISTEN_", "WATCHDOG_")
@@ -107,8 +112,8 @@ def set_window_size(fd: int, cols: int, rows: int) -> None:
 def spawn(request: SpawnRequest) -> Child:
     """Start ``request`` and return its pid and fds; raises ``SpawnFailed``.
 
-    Must be called on the trio thread, with the pid registered with the reaper before
-    the next checkpoint.
+    Blocks until the child has exec'd (or failed to): call it in a worker thread and
+    register the pid with ``Reaper.watch(..., since=)`` as soon as it returns.
     """
     if request.user:
         return _spawn_as_user(request, _resolve_user(request.user))
@@ -149,25 +154,27 @@ def _posix_spawn(request: SpawnRequest) -> Child:
             actions += [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
             output_fd, error_fd = out_r, err_r
         # posix_spawn has no chdir action in Python, so the daemon (whose own cwd is
-        # "/" and which uses no relative paths) steps into the work dir for the spawn.
-        try:
-            os.chdir(request.cwd)
-        except OSError as exc:
-            raise SpawnFailed(f"work dir {request.cwd!r}: {exc.strerror}") from None
-        try:
-            pid = os.posix_spawn(
-                request.argv[0],
-                request.argv,
-                request.env,
-                file_actions=actions,
-                setsid=True,
-                setsigmask=(),
-                setsigdef=_DEFAULT_SIGNALS,
-            )
-        except OSError as exc:
-            raise SpawnFailed(f"cannot run {request.argv[0]!r}: {exc.strerror}") from None
-        finally:
-            os.chdir("/")
+        # "/" and which uses no relative paths) steps into the work dir for the spawn;
+        # the lock keeps spawns in different worker threads from crossing.
+        with _CWD_LOCK:
+            try:
+                os.chdir(request.cwd)
+            except OSError as exc:
+                raise SpawnFailed(f"work dir {request.cwd!r}: {exc.strerror}") from None
+            try:
+                pid = os.posix_spawn(
+                    request.argv[0],
+                    request.argv,
+                    request.env,
+                    file_actions=actions,
+                    setsid=True,
+                    setsigmask=(),
+                    setsigdef=_DEFAULT_SIGNALS,
+                )
+            except OSError as exc:
+                raise SpawnFailed(f"cannot run {request.argv[0]!r}: {exc.strerror}") from None
+            finally:
+                os.chdir("/")
     except BaseException:
         for fd in parent_fds:
             os.close(fd)
@@ -288,16 +295,43 @@ def exit_status(status: int, usage: object, spawner_peak_kib: int = 0) -> ExitSt
 
 
 class Reaper:
-    """The one place that waits for children; see the module docstring."""
+    """The one place that waits for children; see the module docstring.
+
+    Children are spawned in a worker thread (so an exec does not stall the event loop),
+    which means one can exit, and be reaped, before its pid is registered. The status
+    of an unclaimed pid is therefore kept for a while with the reaper's sequence number
+    at the time; ``watch`` accepts it only if it was reaped after the spawn began, so a
+    stale status of an orphan that once had the same pid is never handed out.
+    """
+
+    EARLY_KEPT = 10_000
 
     def __init__(self) -> None:
         self._owners: dict[int, Callable[[ExitStatus], None]] = {}
         self._popens: dict[int, subprocess.Popen[bytes]] = {}
         self._spawner_peaks: dict[int, int] = {}
+        self._unclaimed: OrderedDict[int, tuple[int, int, object]] = OrderedDict()
+        self.sequence = 0  # how many children have been reaped
         self.orphans_reaped = 0
 
-    def watch(self, child: Child, on_exit: Callable[[ExitStatus], None]) -> None:
-        """Call ``on_exit`` (on the trio thread) when ``child`` is reaped."""
+    def watch(
+        self, child: Child, on_exit: Callable[[ExitStatus], None], since: int | None = None
+    ) -> None:
+        """Call ``on_exit`` (on the trio thread) when ``child`` is reaped.
+
+        ``since`` is ``sequence`` read before the spawn began; with it, a status the
+        reaper collected in between is delivered at once.
+        """
+        early = self._unclaimed.pop(child.pid, None)
+        if early is not None:
+            reaped_at, status, usage = early
+            if since is not None and reaped_at > since:
+                self.orphans_reaped -= 1
+                result = exit_status(status, usage, child.spawner_peak_kib)
+                if child.popen is not None:
+                    child.popen.returncode = result.code
+                on_exit(result)
+                return
         self._owners[child.pid] = on_exit
         self._spawner_peaks[child.pid] = child.spawner_peak_kib
         if child.popen is not None:
@@ -317,15 +351,19 @@ class Reaper:
                 return
             if pid == 0:
                 return
+            self.sequence += 1
+            owner = self._owners.pop(pid, None)
+            if owner is None:
+                self.orphans_reaped += 1
+                self._unclaimed[pid] = (self.sequence, status, usage)
+                while len(self._unclaimed) > self.EARLY_KEPT:
+                    self._unclaimed.popitem(last=False)
+                continue
             popen = self._popens.pop(pid, None)
             result = exit_status(status, usage, self._spawner_peaks.pop(pid, 0))
             if popen is not None:
                 popen.returncode = result.code
-            owner = self._owners.pop(pid, None)
-            if owner is None:
-                self.orphans_reaped += 1
-            else:
-                owner(result)
+            owner(result)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reap on every SIGCHLD, and once a second in case one was coalesced or missed."""

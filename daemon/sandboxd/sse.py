@@ -101,7 +101,7 @@ class SseEndpoints:
             run_config=body.run_config,
             close_stdin=True,
         )
-        live, _ = self._supervisor.get_or_create(request, via="sse")
+        live, _ = await self._supervisor.get_or_create(request, via="sse")
         await self._respond(receive, send, live, 0, 0)
 
     async def resume(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -199,7 +199,7 @@ class SseEndpoints:
             run_config=body.run_config,
             close_stdin=True,
         )
-        live, _ = self._supervisor.get_or_create(request, via="http")
+        live, _ = await self._supervisor.get_or_create(request, via="http")
         attachment = self._supervisor.attach(live, 0, 0)
         collected: dict[Stream, list[bytes]] = {Stream.STDOUT: [], Stream.STDERR: []}
         sizes = dict.fromkeys(collected, 0)

@@ -8,6 +8,7 @@ Clients never touch fds: they read rings through their own ``Attachment``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -150,29 +151,62 @@ class LiveSession:
     # ---- output -----------------------------------------------------------------
 
     async def pump(self, stream: Stream, fd: int, stall_seconds: float) -> None:
-        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF)."""
+        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF).
+
+        Reads are coalesced: after one read returns, the fd is read again without
+        waiting until it is empty or a whole chunk is in hand (a PTY hands out about
+        4 KiB per read). The task yields to the scheduler after every chunk, so a child
+        that never pauses cannot starve the clients.
+        """
         ring = self.core.ring(stream)
         sanitizer = Utf8Sanitizer()
-        source = trio.lowlevel.FdStream(fd)
+        os.set_blocking(fd, False)
         try:
-            while True:
+            ended = False
+            while not ended:
                 while not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
                     with trio.move_on_after(stall_seconds):
                         await self._consumed.wait()
-                try:
-                    data = await source.receive_some(CHUNK_BYTES)
-                except trio.BrokenResourceError:
-                    break  # EIO: every holder of the PTY slave is gone
-                if not data:
-                    break
+                data, ended = _read_available(fd, CHUNK_BYTES)
+                if data is None:
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
                 clean = sanitizer.feed(data)
                 if clean:
                     ring.append(clean)
                     self.notify_changed()
+                await trio.lowlevel.checkpoint()
         finally:
             ring.append(sanitizer.finish())
-            source.close()
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
             self.notify_changed()
+
+
+def _read_available(fd: int, limit: int) -> tuple[bytes | None, bool]:
+    """Up to ``limit`` bytes that can be read now: (data, ended).
+
+    ``data`` is None when nothing is ready. ``ended`` is true at EOF, or at EIO, which is
+    how a PTY master reports that every holder of its slave has gone.
+    """
+    parts: list[bytes] = []
+    total = 0
+    while total < limit:
+        try:
+            piece = os.read(fd, limit - total)
+        except BlockingIOError:
+            break
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            return b"".join(parts), True
+        if not piece:
+            return b"".join(parts), True
+        parts.append(piece)
+        total += len(piece)
+    if not parts:
+        return None, False
+    return parts[0] if len(parts) == 1 else b"".join(parts), False
 
 
 class Supervisor:
@@ -193,6 +227,7 @@ class Supervisor:
         self.reaper = reaper
         self.pool = BufferPool(config.buffer_cap_bytes)
         self.sessions: dict[str, LiveSession] = {}
+        self._starting: dict[str, trio.Event] = {}
         self._expired_ids: OrderedDict[str, None] = OrderedDict()
         self._nursery = nursery
         self.shutting_down = False
@@ -209,23 +244,37 @@ class Supervisor:
             raise SessionExpired(f"Session expired: {command_id}")
         raise CommandNotFound(f"Command not found: {command_id}")
 
-    def get_or_create(self, msg: Execute, via: str = "ws") -> tuple[LiveSession, bool]:
+    async def get_or_create(self, msg: Execute, via: str = "ws") -> tuple[LiveSession, bool]:
         """The session under ``msg.command_id``, started now if unknown.
 
-        Synchronous from the check to the registration, so two executes with one id can
-        never spawn twice. Raises ``InvalidRequest``, ``SpawnFailed``, ``TooManySessions``.
+        Two executes with one id never spawn twice: while one spawns (in a worker
+        thread, so the exec does not stall other clients), the other waits for it and
+        then attaches. Raises ``InvalidRequest``, ``SpawnFailed``, ``TooManySessions``.
         """
         validate_execute(msg)
-        if msg.command_id is not None and msg.command_id in self.sessions:
-            return self.sessions[msg.command_id], False
+        while msg.command_id is not None:
+            if msg.command_id in self.sessions:
+                return self.sessions[msg.command_id], False
+            starting = self._starting.get(msg.command_id)
+            if starting is None:
+                break
+            await starting.wait()  # then look again: it may have failed to spawn
         if self.shutting_down:
             raise ServerShuttingDown("sandboxd is shutting down")
-        if len(self.sessions) >= self.config.max_sessions:
+        if len(self.sessions) + len(self._starting) >= self.config.max_sessions:
             raise TooManySessions(
                 f"{len(self.sessions)} sessions are live, the cap (--max-sessions) is reached"
             )
         command_id = msg.command_id or uuid.uuid4().hex
-        child = self._spawn(self._spawn_request(msg))
+        request = self._spawn_request(msg)
+        self._starting[command_id] = starting = trio.Event()
+        try:
+            since = self.reaper.sequence
+            # Not abandoned on cancellation: the child is registered before anything else.
+            child = await trio.to_thread.run_sync(self._spawn, request)
+        finally:
+            del self._starting[command_id]
+            starting.set()
         now = trio.current_time()
         core = Session(
             command_id=command_id,
@@ -242,7 +291,7 @@ class Supervisor:
             stall_seconds=self.config.stall_seconds,
         )
         live = LiveSession(core, child, msg.command)
-        self.reaper.watch(child, live.on_reaped)
+        self.reaper.watch(child, live.on_reaped, since=since)
         self.sessions[command_id] = live
         self._expired_ids.pop(command_id, None)
         self._nursery.start_soon(self._supervise, live)
