@@ -8,7 +8,7 @@ TS_DIR := tests/sdk/ts
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint venv node clean
+.PHONY: run test lint bench venv node websocketd clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ $(TS_STAMP): $(TS_DIR)/package.json
 
 node: $(TS_STAMP)
 
+# websocketd (Go, a Debian package) is the anchor the benchmarks compare against.
+websocketd:
+	command -v websocketd >/dev/null 2>&1 || { apt-get update && apt-get install -y --no-install-recommends websocketd; }
+
 run: $(STAMP)
 	$(BIN)/sandboxd --listen 127.0.0.1:8080
 
@@ -33,8 +37,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check daemon tests
 	$(BIN)/mypy --strict daemon
 
-test: $(STAMP) $(TS_STAMP) lint
+test: $(STAMP) $(TS_STAMP) websocketd lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Full benchmarks, sandboxd and websocketd in one run; raw results in bench/results/.
+bench: $(STAMP) websocketd
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) $(TS_DIR)/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -146,16 +146,16 @@ def test_exit_frame_carries_signal_name_reason_and_usage() -> None:
     assert exit_frame.cpu_seconds == 0.25  # type: ignore[union-attr]
 
 
-def test_output_is_paced_by_the_leading_client_not_the_slowest() -> None:
+def test_output_is_paced_by_the_slowest_client_still_taking_output() -> None:
     s = make()
     s.stdout.append(b"x" * 1000)
-    fast = s.attach(100.0, stdout_offset=900)
-    slow = s.attach(100.0, stdout_offset=0)
-    assert s.may_read(Stream.STDOUT, 100.0, 24)  # 100 + 24 fits in 1024
+    fast = s.attach(100.0, stdout_offset=1000)
+    slow = s.attach(100.0, stdout_offset=900)
+    assert s.may_read(Stream.STDOUT, 100.0, 924)  # 100 + 924 fits in 1024
     assert not s.may_read(Stream.STDOUT, 100.0, 925)
-    fast.stdout_cursor = 1000
+    slow.stdout_cursor = 1000
     assert s.may_read(Stream.STDOUT, 100.0, 1024)
-    assert slow.stdout_cursor == 0
+    assert fast.stdout_cursor == 1000
 
 
 def test_a_stalled_client_stops_pacing_after_stall_seconds() -> None:

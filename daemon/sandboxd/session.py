@@ -207,21 +207,23 @@ class Session:
         )
 
     def may_read(self, stream: Stream, now: float, chunk: int) -> bool:
-        """Whether reading ``chunk`` more bytes from the child keeps the leading client whole.
+        """Whether reading ``chunk`` more bytes from the child loses nothing for anyone.
 
-        Output is paced by the most advanced client that is still taking output: the
-        child is read only while that client would lose nothing to eviction. Clients that
-        have taken nothing for ``stall_seconds`` do not pace; with none left, the ring
-        evicts and the command never waits.
+        Output is paced like a pipe by the slowest client that is still taking output:
+        the child is read only while every such client would keep its unread bytes in
+        the ring. A client that has taken nothing for ``stall_seconds`` (gone quiet,
+        or too slow to take a single frame) stops pacing: it may later see a gap, and
+        the others go on. With nobody attached, reading never waits.
         """
         ring = self.ring(stream)
-        leader = -1
+        slowest: int | None = None
         for attachment in self.attachments:
             if now - attachment.last_progress < self.stall_seconds:
-                leader = max(leader, attachment.cursor(stream))
-        if leader < 0:
+                cursor = attachment.cursor(stream)
+                slowest = cursor if slowest is None else min(slowest, cursor)
+        if slowest is None:
             return True
-        return ring.end - leader + chunk <= ring.capacity
+        return ring.end - slowest + chunk <= ring.capacity
 
     # ---- timers -----------------------------------------------------------------
 

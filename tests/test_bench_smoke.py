@@ -1,0 +1,40 @@
+"""A quick run of every benchmark workload (``bench/run.py --quick``): the benchmarks
+themselves stay runnable, and their verification (byte counts, sha256, zero loss) holds.
+The timing targets are checked by ``make bench``, never here."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_every_workload_runs_and_verifies_in_quick_mode() -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/run.py", "--quick", "--no-save"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout
+    for workload in (
+        "start latency p50",
+        "throughput",
+        "lines_76",
+        "10 clients: commands/s (failures 0)",
+        "100 clients: commands/s (failures 0)",
+        "fan-out 10 x 5 MB (clients with loss: 0)",
+        "fan-out 100 x 5 MB (clients with loss: 0)",
+        "PTY throughput",
+        "RSS per finished session",
+        "RSS per running session",
+        "replay 8 MiB: complete",
+    ):
+        assert workload in table, table
+    if shutil.which("websocketd"):
+        assert "websocketd not installed" not in table
