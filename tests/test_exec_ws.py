@@ -428,7 +428,11 @@ async def test_run_config_and_legacy_env_cwd_are_applied(daemon: Daemon, tmp_pat
         )
         legacy = await run_command(daemon.ws, script, env={"A": "2"}, cwd="/tmp")
         overridden = await run_command(daemon.ws, "echo $HOME", env={"HOME": "/elsewhere"})
+        as_user_pty = await run_command(
+            daemon.ws, "id -un; test -t 1 && echo tty", pty=True, run_config={"user": "nobody"}
+        )
     assert modern.text("stdout") == "/tmp\n1\nnobody\n", modern.frames
+    assert as_user_pty.text("stdout") == "nobody\r\ntty\r\n"
     assert legacy.text("stdout") == "/tmp\n2\nroot\n"
     assert overridden.text("stdout") == "/elsewhere\n"
 

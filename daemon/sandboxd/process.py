@@ -120,39 +120,81 @@ def spawn(request: SpawnRequest) -> Child:
     return _posix_spawn(request)
 
 
-def _posix_spawn(request: SpawnRequest) -> Child:
-    parent_fds: list[int] = []  # ours to keep
-    child_fds: list[int] = []  # closed here after the spawn
+@dataclass(slots=True)
+class _Stdio:
+    """The fds of a child about to start: the daemon's ends and the child's."""
+
+    output_fd: int  # stdout, or the PTY master
+    error_fd: int | None
+    input_fd: int | None
+    child_in: int | None  # None: /dev/null
+    child_out: int
+    child_err: int
+    slave_path: str | None  # the PTY slave, opened by path in the child
+    parent_fds: list[int]
+    child_fds: list[int]
+
+    def close_parent_ends(self) -> None:
+        for fd in self.parent_fds:
+            os.close(fd)
+
+    def close_child_ends(self) -> None:
+        for fd in self.child_fds:
+            os.close(fd)
+
+
+def _open_stdio(request: SpawnRequest) -> _Stdio:
+    parent: list[int] = []
+    child: list[int] = []
     try:
         if request.pty:
             master, slave = os.openpty()
-            parent_fds.append(master)
-            child_fds.append(slave)
-            set_window_size(master, request.cols, request.rows)
-            # With setsid done first, opening the slave by path (no O_NOCTTY) makes it
-            # the child's controlling terminal; dup'ing an inherited fd would not.
-            actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-                (os.POSIX_SPAWN_OPEN, 0, os.ttyname(slave), os.O_RDWR, 0),
-                (os.POSIX_SPAWN_DUP2, 0, 1),
-                (os.POSIX_SPAWN_DUP2, 0, 2),
-            ]
-            output_fd, error_fd, input_fd = master, None, os.dup(master)
-            parent_fds.append(input_fd)
+            parent.append(master)
+            child.append(slave)
+            set_window_size(master, request.cols, request.rows)  # never start at 0x0
+            terminal_input = os.dup(master)
+            parent.append(terminal_input)
+            return _Stdio(
+                master, None, terminal_input, slave, slave, slave, os.ttyname(slave), parent, child
+            )
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        parent += [out_r, err_r]
+        child += [out_w, err_w]
+        child_in: int | None = None
+        input_fd: int | None = None
+        if not request.close_stdin:
+            child_in, input_fd = os.pipe()
+            parent.append(input_fd)
+            child.append(child_in)
+        return _Stdio(out_r, err_r, input_fd, child_in, out_w, err_w, None, parent, child)
+    except BaseException:
+        for fd in parent + child:
+            os.close(fd)
+        raise
+
+
+def _posix_spawn(request: SpawnRequest) -> Child:
+    stdio = _open_stdio(request)
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]]
+    if stdio.slave_path is not None:
+        # With setsid done first, opening the slave by path (no O_NOCTTY) makes it
+        # the child's controlling terminal; dup'ing an inherited fd would not.
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, stdio.slave_path, os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
+    else:
+        if stdio.child_in is None:
+            actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]
         else:
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            parent_fds += [out_r, err_r]
-            child_fds += [out_w, err_w]
-            if request.close_stdin:
-                input_fd = None
-                actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]
-            else:
-                in_r, input_fd = os.pipe()
-                parent_fds.append(input_fd)
-                child_fds.append(in_r)
-                actions = [(os.POSIX_SPAWN_DUP2, in_r, 0)]
-            actions += [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
-            output_fd, error_fd = out_r, err_r
+            actions = [(os.POSIX_SPAWN_DUP2, stdio.child_in, 0)]
+        actions += [
+            (os.POSIX_SPAWN_DUP2, stdio.child_out, 1),
+            (os.POSIX_SPAWN_DUP2, stdio.child_err, 2),
+        ]
+    try:
         # posix_spawn has no chdir action in Python, so the daemon (whose own cwd is
         # "/" and which uses no relative paths) steps into the work dir for the spawn;
         # the lock keeps spawns in different worker threads from crossing.
@@ -176,13 +218,11 @@ def _posix_spawn(request: SpawnRequest) -> Child:
             finally:
                 os.chdir("/")
     except BaseException:
-        for fd in parent_fds:
-            os.close(fd)
+        stdio.close_parent_ends()
         raise
     finally:
-        for fd in child_fds:
-            os.close(fd)
-    return Child(pid, output_fd, error_fd, input_fd, request.pty)
+        stdio.close_child_ends()
+    return Child(pid, stdio.output_fd, stdio.error_fd, stdio.input_fd, request.pty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,56 +265,31 @@ def _spawn_as_user(request: SpawnRequest, user: _User) -> Child:
     env = dict(request.env)
     if user.name and "USER" not in env:
         env["USER"] = env["LOGNAME"] = user.name
-    mine: list[int] = []
-    theirs: list[int] = []
+    stdio = _open_stdio(request)
     try:
-        if request.pty:
-            master, slave = os.openpty()
-            mine.append(master)
-            theirs.append(slave)
-            set_window_size(master, request.cols, request.rows)
-            stdin: int = slave
-            stdout: int = slave
-            stderr: int = slave
-            output_fd, error_fd, input_fd = master, None, os.dup(master)
-            mine.append(input_fd)
-        else:
-            out_r, stdout = os.pipe()
-            err_r, stderr = os.pipe()
-            mine += [out_r, err_r]
-            theirs += [stdout, stderr]
-            if request.close_stdin:
-                stdin, input_fd = subprocess.DEVNULL, None
-            else:
-                stdin, input_fd = os.pipe()
-                mine.append(input_fd)
-                theirs.append(stdin)
-            output_fd, error_fd = out_r, err_r
-        try:
-            popen = subprocess.Popen(
-                request.argv,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                cwd=request.cwd,
-                env=env,
-                user=user.uid,
-                group=user.gid,
-                extra_groups=user.groups,
-                start_new_session=True,
-                close_fds=True,
-                restore_signals=True,
-            )
-        except OSError as exc:
-            raise SpawnFailed(f"cannot start as {user.uid}: {exc}") from None
+        popen = subprocess.Popen(
+            request.argv,
+            stdin=subprocess.DEVNULL if stdio.child_in is None else stdio.child_in,
+            stdout=stdio.child_out,
+            stderr=stdio.child_err,
+            cwd=request.cwd,
+            env=env,
+            user=user.uid,
+            group=user.gid,
+            extra_groups=user.groups,
+            start_new_session=True,
+            close_fds=True,
+            restore_signals=True,
+        )
+    except OSError as exc:
+        stdio.close_parent_ends()
+        raise SpawnFailed(f"cannot start as {user.uid}: {exc}") from None
     except BaseException:
-        for fd in mine:
-            os.close(fd)
+        stdio.close_parent_ends()
         raise
     finally:
-        for fd in theirs:
-            os.close(fd)
-    return Child(popen.pid, output_fd, error_fd, input_fd, request.pty, popen)
+        stdio.close_child_ends()
+    return Child(popen.pid, stdio.output_fd, stdio.error_fd, stdio.input_fd, request.pty, popen)
 
 
 def exit_status(status: int, usage: object, spawner_peak_kib: int = 0) -> ExitStatus:
