@@ -523,13 +523,15 @@ async def test_shutdown_closes_attached_sockets_with_1001_after_started() -> Non
     async with running_daemon(stop_grace=0.5) as daemon, exec_socket(daemon.ws) as client:
         with trio.fail_after(10):
             await client.send(
-                type="execute", command="trap 'echo bye; exit 3' TERM; sleep 60 & wait"
+                type="execute",
+                command="trap 'echo bye; exit 3' TERM; echo ready; sleep 60 & wait",
             )
             await client.recv_until("started")
+            await client.recv_until("stdout")  # the trap is set
             daemon.running.stop.set()
             t = await client.collect()
     assert t.types[0] == "started"
-    assert t.text("stdout") == "bye\n"
+    assert t.text("stdout") == "ready\nbye\n"
     assert t.terminal["exit_code"] == 3
     assert t.close_code in (1000, 1001)
 

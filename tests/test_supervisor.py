@@ -55,7 +55,7 @@ class FakeChildren:
             os.close(fd)
         self.reaper._owners.pop(pid)(status)
 
-    def kill_tree(self, pid: int, signo: int) -> None:
+    def kill_tree(self, pid: int, signo: int, command_id: str | None = None) -> None:
         self.kills.append((pid, trio.current_time()))
         if pid in self.writers:
             self.exit(pid, ExitStatus(128 + signo, signo))

@@ -21,6 +21,7 @@ import trio
 from sandboxd import __version__
 from sandboxd.config import Config
 from sandboxd.logs import setup_logging
+from sandboxd.process import become_subreaper
 from sandboxd.service import Running, make_listen_socket, serve
 from sandboxd.tunnel import PortPolicy
 
@@ -31,6 +32,10 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 #: Signals that stop the daemon gracefully.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Job-control signals that must never stop the daemon (they are caught, not ignored:
+#: a caught signal is reset to its default in every command at exec, an ignored one
+#: would be inherited).
+JOB_CONTROL_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 def _fields() -> list[tuple[str, type, str, object]]:
@@ -129,12 +134,20 @@ async def _main(config: Config) -> None:
                 os._exit(0)
 
 
+def _ignore_job_control(signo: int, frame: object) -> None:
+    log.info("job-control signal ignored", extra={"signal": signal.Signals(signo).name})
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``sandboxd`` console script and ``python -m sandboxd``."""
     config = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
     setup_logging(config.log_level)
     _ensure_standard_fds()
     os.chdir("/")  # commands get their own work dir; the daemon holds no directory
+    for signo in JOB_CONTROL_SIGNALS:
+        signal.signal(signo, _ignore_job_control)
+    if os.getpid() != 1 and not become_subreaper():
+        log.warning("cannot become a child subreaper; orphans go to the container's init")
     try:
         trio.run(_main, config)
     except OSError as exc:

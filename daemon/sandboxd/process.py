@@ -16,6 +16,7 @@ The rules (design.md, "Processes"):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import grp
 import os
@@ -42,6 +43,11 @@ _DEFAULT_SIGNALS = frozenset(range(1, 32)) - {signal.SIGKILL, signal.SIGSTOP}
 
 #: Held while the process's cwd is changed for a spawn (spawns run in worker threads).
 _CWD_LOCK = threading.Lock()
+
+#: Every command's environment names its session: how escapees are found (see kill_tree).
+COMMAND_ID_VARIABLE = "SANDBOXD_COMMAND_ID"
+
+_PR_SET_CHILD_SUBREAPER = 36
 
 #: Variables of the daemon's environment that never reach a command.
 _PRIVATE_ENV_PREFIXES = ("SANDBOXD_", "LISTEN_", "WATCHDOG_")
@@ -390,21 +396,59 @@ class Reaper:
                     await signals.__anext__()
 
 
-def kill_tree(pid: int, signo: int = signal.SIGKILL) -> None:
-    """Signal the process group led by ``pid`` and every descendant still linked to it.
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (as PID 1 does), so that they are reaped here.
+
+    A daemon a command leaves behind (``setsid cmd &``) is then re-parented to sandboxd
+    instead of to the container's init, and the single reaper collects it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def tagged_processes(command_ids: set[str]) -> dict[str, list[psutil.Process]]:
+    """Processes whose environment carries ``SANDBOXD_COMMAND_ID`` for one of the ids.
+
+    This finds what left a command's process group and tree (``setsid``, ``nohup``, a
+    double fork): the environment it started with still names its session.
+    """
+    wanted = {f"{COMMAND_ID_VARIABLE}={cid}".encode(): cid for cid in command_ids}
+    found: dict[str, list[psutil.Process]] = {}
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                entries = handle.read().split(b"\0")
+            for entry in entries:
+                cid = wanted.get(entry)
+                if cid is not None:
+                    found.setdefault(cid, []).append(psutil.Process(int(name)))
+                    break
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def kill_tree(pid: int, signo: int = signal.SIGKILL, command_id: str | None = None) -> None:
+    """Signal the process group led by ``pid``, every descendant still linked to it,
+    and (given ``command_id``) every process that escaped them but carries the tag.
 
     Descendants are listed before the group is signalled, so that children which left
     the group (``setsid``) but are still below the leader are found too.
     """
     try:
-        descendants = psutil.Process(pid).children(recursive=True)
+        targets = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
-        descendants = []
+        targets = []
+    if command_id is not None:
+        targets += tagged_processes({command_id}).get(command_id, [])
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signo)
-    for process in descendants:
+    for process in targets:
         with contextlib.suppress(psutil.Error):
-            process.send_signal(signo)
+            process.send_signal(signo)  # psutil checks the pid still means that process
 
 
 def signal_group(pid: int, signo: int) -> None:

@@ -8,6 +8,7 @@ Clients never touch fds: they read rings through their own ``Attachment``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,6 +18,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+import psutil
 import trio
 
 from sandboxd import process
@@ -219,7 +221,7 @@ class Supervisor:
         nursery: trio.Nursery,
         *,
         spawn: Callable[[process.SpawnRequest], process.Child] = process.spawn,
-        kill_tree: Callable[[int, int], None] = process.kill_tree,
+        kill_tree: Callable[[int, int, str | None], None] = process.kill_tree,
     ) -> None:
         self.config = config
         self._spawn = spawn
@@ -266,7 +268,7 @@ class Supervisor:
                 f"{len(self.sessions)} sessions are live, the cap (--max-sessions) is reached"
             )
         command_id = msg.command_id or uuid.uuid4().hex
-        request = self._spawn_request(msg)
+        request = self._spawn_request(msg, command_id)
         self._starting[command_id] = starting = trio.Event()
         try:
             since = self.reaper.sequence
@@ -301,7 +303,7 @@ class Supervisor:
         )
         return live, True
 
-    def _spawn_request(self, msg: Execute) -> process.SpawnRequest:
+    def _spawn_request(self, msg: Execute, command_id: str) -> process.SpawnRequest:
         # The home may appear later (an upload creates it): look each time.
         home = self.config.home if os.path.isdir(self.config.home) else "/"
         env = dict(self._base_env)
@@ -312,6 +314,7 @@ class Supervisor:
         if msg.pty:
             env["TERM"] = self.config.term
         env.update(extra)
+        env[process.COMMAND_ID_VARIABLE] = command_id
         return process.SpawnRequest(
             argv=[msg.shell, "-c", msg.command],
             env=env,
@@ -344,7 +347,7 @@ class Supervisor:
         for effect in effects:
             if isinstance(effect, KillTree):
                 if live.status is None:  # after the reap the pid may be reused
-                    self._kill_tree(live.child.pid, signal.SIGKILL)
+                    self._kill_tree(live.child.pid, signal.SIGKILL, live.command_id)
                 log.info(
                     "command killed",
                     extra={"command_id": live.command_id, "reason": effect.reason.value},
@@ -396,7 +399,7 @@ class Supervisor:
             self.pool.release(live.core.stdout)
             self.pool.release(live.core.stderr)
             if live.status is None:  # cancelled while running (daemon stopping)
-                self._kill_tree(child.pid, signal.SIGKILL)
+                self._kill_tree(child.pid, signal.SIGKILL, live.command_id)
             live.notify_changed()
 
     async def _run_timers(self, live: LiveSession) -> None:
@@ -417,22 +420,35 @@ class Supervisor:
     # ---- shutdown ---------------------------------------------------------------------
 
     async def stop_all(self, grace: float) -> None:
-        """SIGTERM every running command, SIGKILL what is left after ``grace`` seconds."""
+        """SIGTERM every running command, SIGKILL what is left after ``grace`` seconds.
+
+        The processes that escaped their commands' trees are looked up once for all
+        sessions (one pass over /proc), not once per session.
+        """
         self.shutting_down = True
         running = [s for s in self.sessions.values() if s.status is None]
+        escaped = process.tagged_processes({live.command_id for live in running})
         for live in running:
             live.core.request_kill(EndReason.SHUTDOWN)
-            self._kill_tree(live.child.pid, signal.SIGTERM)
+            self._signal_all(live, signal.SIGTERM, escaped)
         with trio.move_on_after(grace):
             for live in running:
                 await live.reaped.wait()
         for live in running:
-            if live.status is None:
-                self._kill_tree(live.child.pid, signal.SIGKILL)
+            self._signal_all(live, signal.SIGKILL, escaped)
         with trio.move_on_after(2 + self.config.drain_seconds):
             for live in running:
                 while live.core.state is SessionState.RUNNING:
                     await live.wait_changed()
+
+    def _signal_all(
+        self, live: LiveSession, signo: int, escaped: dict[str, list[psutil.Process]]
+    ) -> None:
+        if live.status is None:
+            self._kill_tree(live.child.pid, signo, None)
+        for escapee in escaped.get(live.command_id, []):
+            with contextlib.suppress(psutil.Error):
+                escapee.send_signal(signo)
 
     def snapshot(self) -> list[dict[str, object]]:
         """What ``GET /sessions`` shows."""
