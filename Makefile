@@ -8,7 +8,7 @@ TS_DIR := tests/sdk/ts
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench venv node websocketd clean
+.PHONY: run test lint bench venv node tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,14 @@ $(TS_STAMP): $(TS_DIR)/package.json
 
 node: $(TS_STAMP)
 
-# websocketd (Go, a Debian package) is the anchor the benchmarks compare against.
-websocketd:
-	command -v websocketd >/dev/null 2>&1 || { apt-get update && apt-get install -y --no-install-recommends websocketd; }
+# Debian packages the tests and benchmarks use: websocketd (the benchmarks' anchor),
+# systemd-analyze (checks the unit files), unshare (PID 1 tests; util-linux).
+tools:
+	@missing=""; \
+	command -v websocketd >/dev/null 2>&1 || missing="$$missing websocketd"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
+	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
 
 run: $(STAMP)
 	$(BIN)/sandboxd --listen 127.0.0.1:8080
@@ -37,11 +42,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check daemon tests
 	$(BIN)/mypy --strict daemon
 
-test: $(STAMP) $(TS_STAMP) websocketd lint
+test: $(STAMP) $(TS_STAMP) tools lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Full benchmarks, sandboxd and websocketd in one run; raw results in bench/results/.
-bench: $(STAMP) websocketd
+bench: $(STAMP) tools
 	$(BIN)/python bench/run.py
 
 clean:

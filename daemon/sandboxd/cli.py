@@ -14,6 +14,7 @@ import signal
 import sys
 import typing
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import msgspec
 import trio
@@ -21,6 +22,7 @@ import trio
 from sandboxd import __version__
 from sandboxd.config import Config
 from sandboxd.logs import setup_logging
+from sandboxd.notify import Notifier, activated_socket
 from sandboxd.process import become_subreaper
 from sandboxd.service import Running, make_listen_socket, serve
 from sandboxd.tunnel import PortPolicy
@@ -118,10 +120,11 @@ STOP_OVERRUN_SECONDS = 10.0
 
 
 async def _main(config: Config) -> None:
-    sock = make_listen_socket(config)
+    sock = activated_socket(os.environ) or make_listen_socket(config)
+    notifier = Notifier(os.environ)
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
-            running: Running = await nursery.start(serve, config, sock)
+            running: Running = await nursery.start(partial(serve, config, sock, notifier=notifier))
             async for signo in signals:
                 log.info("signal received", extra={"signal": signal.Signals(signo).name})
                 running.stop.set()

@@ -16,6 +16,7 @@ from hypercorn.config import Config as HypercornConfig
 from sandboxd import process, wsoptions
 from sandboxd.config import Config
 from sandboxd.httpserver import serve_http
+from sandboxd.notify import Notifier
 from sandboxd.server import App
 from sandboxd.supervisor import Supervisor
 
@@ -66,6 +67,7 @@ async def serve(
     config: Config,
     sock: socket.socket,
     *,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``Running.stop`` is set, then stop gracefully.
@@ -102,10 +104,15 @@ async def serve(
 
             await nursery.start(run_server)
             log.info("listening", extra={"address": address})
+            if notifier is not None:
+                notifier.send("READY=1", f"STATUS=listening on {address}")
+                nursery.start_soon(notifier.keep_watchdog)
             running = Running(address, app, supervisor, stop, trio.Event())
             task_status.started(running)
             await stop.wait()
             log.info("stopping", extra={"sessions": len(supervisor.sessions)})
+            if notifier is not None:
+                notifier.send("STOPPING=1", "STATUS=stopping: ending commands")
             await supervisor.stop_all(config.stop_grace)
             with trio.move_on_after(1.0):  # clients still reading their commands' ends
                 await app.wait_no_connections()
