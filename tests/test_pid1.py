@@ -9,9 +9,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import pytest
@@ -24,11 +25,14 @@ UNSHARE = shutil.which("unshare")
 
 @dataclass
 class Spawned:
-    """A sandboxd process; ``daemon`` is sandboxd itself (not unshare)."""
+    """A sandboxd process; ``daemon`` is sandboxd itself (not unshare). Its log lines are
+    drained into ``logs`` (an undrained pipe would block the daemon once full)."""
 
     launcher: subprocess.Popen[str]
     daemon: psutil.Process
     address: str
+    logs: list[dict[str, object]] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @property
     def ws(self) -> str:
@@ -47,18 +51,24 @@ def _launch(as_pid1: bool) -> Spawned:
     daemon = psutil.Process(launcher.pid)
     if as_pid1:
         (daemon,) = daemon.children()
-    return Spawned(launcher, daemon, first["address"])
+    spawned = Spawned(launcher, daemon, first["address"])
+
+    def drain() -> None:
+        assert launcher.stderr is not None
+        for line in launcher.stderr:
+            if line.startswith("{"):
+                spawned.logs.append(json.loads(line))
+
+    spawned.reader = threading.Thread(target=drain, daemon=True)
+    spawned.reader.start()
+    return spawned
 
 
 def _finish(spawned: Spawned) -> tuple[int, list[dict[str, object]]]:
-    launcher = spawned.launcher
-    code = launcher.wait(timeout=30)
-    assert launcher.stderr is not None
-    with launcher.stderr:
-        logs = [
-            json.loads(line) for line in launcher.stderr.read().splitlines() if line.startswith("{")
-        ]
-    return code, logs
+    code = spawned.launcher.wait(timeout=30)
+    assert spawned.reader is not None
+    spawned.reader.join(timeout=10)
+    return code, spawned.logs
 
 
 @pytest.fixture(params=["pid1", "child"])
@@ -72,6 +82,8 @@ def spawned(request: pytest.FixtureRequest) -> Iterator[Spawned]:
         if running.launcher.poll() is None:
             running.daemon.send_signal(signal.SIGKILL)
             running.launcher.wait(timeout=30)
+        if running.reader is not None:
+            running.reader.join(timeout=10)
         if running.launcher.stderr is not None:
             running.launcher.stderr.close()
 
@@ -158,3 +170,37 @@ async def test_escapees_are_gone_after_a_kill(spawned: Spawned) -> None:
         while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in sleepers):
             assert trio.current_time() < deadline, [p.pid for p in sleepers if p.is_running()]
             await trio.sleep(0.05)
+
+
+async def test_500_exit_statuses_stay_exact_while_orphans_churn(spawned: Spawned) -> None:
+    import random
+
+    rng = random.Random(4)
+    plan: list[tuple[str, int]] = []
+    for i in range(500):
+        orphan = f"(setsid sleep 0.{i % 7 + 1} >/dev/null 2>&1 &); "  # an orphan to reap
+        if rng.random() < 0.3:
+            signo = rng.choice([signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGKILL])
+            # (not `sleep & kill`: bash starts background jobs with INT and QUIT ignored)
+            plan.append((orphan + f"exec sh -c 'kill -{int(signo)} $$'", 128 + signo))
+        else:
+            code = rng.randrange(256)
+            plan.append((orphan + f"exit {code}", code))
+    results: dict[int, int] = {}
+
+    async def one(index: int, command: str) -> None:
+        t = await run_command(spawned.ws, command, timeout_seconds=60)
+        results[index] = t.terminal["exit_code"]
+
+    with trio.fail_after(120):
+        limit = trio.CapacityLimiter(50)
+
+        async def bounded(index: int, command: str) -> None:
+            async with limit:
+                await one(index, command)
+
+        async with trio.open_nursery() as nursery:
+            for index, (command, _) in enumerate(plan):
+                nursery.start_soon(bounded, index, command)
+    wrong = {i: (results[i], want) for i, (_, want) in enumerate(plan) if results[i] != want}
+    assert wrong == {}
