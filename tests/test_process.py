@@ -141,7 +141,9 @@ async def test_children_get_only_fds_0_to_2_and_default_signal_state() -> None:
     child = process.spawn(request("", argv=["/bin/sleep", "30"], close_stdin=False))
     try:
         # posix_spawn returns after the exec, so this is sleep's own state.
-        assert sorted(int(fd) for fd in os.listdir(f"/proc/{child.pid}/fd")) == [0, 1, 2]
+        fds = sorted(int(fd) for fd in os.listdir(f"/proc/{child.pid}/fd"))
+        where = {fd: os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in fds if fd > 2}
+        assert fds == [0, 1, 2], where
         with open(f"/proc/{child.pid}/status") as status_file:
             status = dict(line.split(":\t", 1) for line in status_file.read().splitlines())
         assert status["SigBlk"].strip() == "0000000000000000"

@@ -141,14 +141,43 @@ def _ignore_job_control(signo: int, frame: object) -> None:
     log.info("job-control signal ignored", extra={"signal": signal.Signals(signo).name})
 
 
+def _token_out_of_argv(argv: list[str]) -> tuple[list[str], str | None]:
+    """argv without ``--token``, and the token it carried (None: there was none)."""
+    rest: list[str] = []
+    token = None
+    items = iter(argv)
+    for arg in items:
+        if arg == "--token":
+            token = next(items, "")
+        elif arg.startswith("--token="):
+            token = arg.removeprefix("--token=")
+        else:
+            rest.append(arg)
+    return rest, token
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``sandboxd`` console script and ``python -m sandboxd``."""
-    config = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    args = list(sys.argv[1:] if argv is None else argv)
+    rest, token = _token_out_of_argv(args)
+    if token is not None and argv is None:
+        # Anyone on the machine can read /proc/<pid>/cmdline: move the token into this
+        # process's environment and exec again, the same pid, without it on the line.
+        os.environ["SANDBOXD_TOKEN"] = token
+        os.execv(sys.executable, [sys.executable, "-m", "sandboxd", *rest])
+    config = parse_args(args, os.environ)
     setup_logging(config.log_level)
     _ensure_standard_fds()
     os.chdir("/")  # commands get their own work dir; the daemon holds no directory
     for signo in JOB_CONTROL_SIGNALS:
         signal.signal(signo, _ignore_job_control)
+    host, _ = config.listen_host_port()
+    if not config.token and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "no --token on a non-loopback address: anyone who can reach the port can run "
+            "commands as this user",
+            extra={"listen": config.listen},
+        )
     if os.getpid() != 1 and not become_subreaper():
         log.warning("cannot become a child subreaper; orphans go to the container's init")
     try:

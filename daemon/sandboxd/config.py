@@ -84,6 +84,20 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         str,
         _doc("ports /tunnel may reach, e.g. '22,8000-9000'; empty: all but sandboxd's own"),
     ] = ""
+    token: Annotated[
+        str,
+        _doc(
+            "shared secret every request but /healthz must carry in X-Api-Key or "
+            "Authorization: Bearer (empty: no auth; prefer the environment variable)"
+        ),
+    ] = ""
+    allowed_origins: Annotated[
+        str,
+        _doc(
+            "comma-separated Origins a WebSocket upgrade may come from; an upgrade with "
+            "any other Origin header is refused (clients that send none are not affected)"
+        ),
+    ] = ""
     ws_compression: Annotated[
         bool, _doc("accept permessage-deflate when a client offers it (costs CPU)")
     ] = False

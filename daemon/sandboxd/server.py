@@ -14,6 +14,7 @@ import re
 import trio
 
 from sandboxd import __version__, files, search
+from sandboxd.auth import Gate, Verdict
 from sandboxd.config import Config
 from sandboxd.errors import (
     MethodNotAllowed,
@@ -30,6 +31,7 @@ from sandboxd.httpio import (
     Send,
     error_body,
     read_json,
+    respond,
     respond_error,
     respond_json,
 )
@@ -60,6 +62,7 @@ class App:
         # exists: an upload then creates it, a read answers 404.
         self.home = config.home
         self.tunnel_policy = PortPolicy(config.tunnel_ports, own_port)
+        self.gate = Gate(config.token, config.allowed_origins)
         self.connections: set[ExecConnection] = set()
         self._no_connections = trio.Event()
         self._no_connections.set()
@@ -82,6 +85,20 @@ class App:
             await self._lifespan(receive, send)
             return
         path = _SLASHES.sub("/", scope["path"])
+        if kind in ("websocket", "http"):
+            verdict = self.gate.check(
+                path,
+                {
+                    bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
+                    for k, v in scope["headers"]
+                },
+                scope["client"][0] if scope.get("client") else "?",
+                trio.current_time(),
+                upgrade=kind == "websocket",
+            )
+            if not verdict.allowed:
+                await self._refuse(kind, verdict, receive, send)
+                return
         if kind == "websocket":
             await self._websocket(path, scope, receive, send)
         elif kind == "http":
@@ -120,6 +137,22 @@ class App:
             self.connections.discard(connection)
             if not self.connections:
                 self._no_connections.set()
+
+    async def _refuse(self, kind: str, verdict: Verdict, receive: Receive, send: Send) -> None:
+        log.info(
+            "request refused",
+            extra={"error_type": verdict.error_type, "status": verdict.status},
+        )
+        if kind == "websocket":
+            await receive()  # websocket.connect
+            await self._reject(
+                send, verdict.status, verdict.error_type, verdict.message, verdict.retry_after
+            )
+            return
+        retry = [("retry-after", str(verdict.retry_after))] if verdict.retry_after else []
+        await respond(
+            send, verdict.status, error_body(verdict.error_type, verdict.message), headers=retry
+        )
 
     async def wait_no_connections(self) -> None:
         """Return once no exec socket is open."""

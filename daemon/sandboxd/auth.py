@@ -1,0 +1,94 @@
+"""One authentication layer for every route and upgrade (design.md, "Security defaults").
+
+* With a token configured, every request but ``GET /healthz`` must carry it in
+  ``X-Api-Key`` or ``Authorization: Bearer``; it is compared in constant time, and a
+  refusal (401) happens before anything else is done.
+* A peer that keeps failing is slowed down: after ``MAX_FAILURES`` failures within
+  ``FAILURE_WINDOW`` seconds it gets 429 with ``Retry-After`` until the window passes.
+* A WebSocket upgrade whose ``Origin`` is present must match an allowed origin exactly
+  (``trusted.example.com.evil.com`` is not ``trusted.example.com``): browsers attach
+  Origin, the SDKs do not, so this stops cross-site WebSocket hijacking.
+
+The token is never logged and never reaches a command's environment.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from dataclasses import dataclass
+
+PUBLIC_PATHS = frozenset({"/healthz"})
+MAX_FAILURES = 10
+FAILURE_WINDOW = 60.0
+TRACKED_PEERS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of a check: allowed, or the status and error to answer with."""
+
+    allowed: bool
+    status: int = 200
+    error_type: str = ""
+    message: str = ""
+    retry_after: int | None = None
+
+
+ALLOWED = Verdict(True)
+
+
+class Gate:
+    """Checks requests against the token, the failure budget and the Origin allowlist."""
+
+    def __init__(self, token: str, allowed_origins: str) -> None:
+        self._token = token.encode()
+        self._origins = frozenset(o.strip() for o in allowed_origins.split(",") if o.strip())
+        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._token)
+
+    def check(
+        self, path: str, headers: dict[str, str], peer: str, now: float, upgrade: bool
+    ) -> Verdict:
+        """Whether a request may proceed. ``headers`` are lower-cased names."""
+        if upgrade and "origin" in headers and headers["origin"] not in self._origins:
+            return Verdict(
+                False, 403, "PermissionDenied", "WebSocket upgrades from this Origin are refused"
+            )
+        if not self._token or path in PUBLIC_PATHS:
+            return ALLOWED
+        started, count = self._failures.get(peer, (now, 0))
+        if now - started >= FAILURE_WINDOW:
+            started, count = now, 0
+        if count >= MAX_FAILURES:
+            retry = max(1, int(started + FAILURE_WINDOW - now + 0.999))
+            return Verdict(False, 429, "TooManyRequests", "too many failed authentications", retry)
+        if self._presented_token_matches(headers):
+            return ALLOWED
+        self._failures[peer] = (started, count + 1)
+        self._failures.move_to_end(peer)
+        while len(self._failures) > TRACKED_PEERS:
+            self._failures.popitem(last=False)
+        return Verdict(
+            False,
+            401,
+            "Unauthorized",
+            "a valid token is required in X-Api-Key or Authorization: Bearer",
+        )
+
+    def _presented_token_matches(self, headers: dict[str, str]) -> bool:
+        candidates = []
+        if "x-api-key" in headers:
+            candidates.append(headers["x-api-key"])
+        authorization = headers.get("authorization", "")
+        if authorization[:7].lower() == "bearer ":
+            candidates.append(authorization[7:].strip())
+        ok = False
+        for candidate in candidates:
+            # compare_digest takes constant time for equal lengths and does not reveal
+            # the token's length through early exits.
+            ok |= hmac.compare_digest(candidate.encode(), self._token)
+        return ok

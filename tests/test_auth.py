@@ -1,0 +1,176 @@
+"""The token, the Origin allowlist and the failure budget, on every route and upgrade."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from urllib.parse import quote
+
+import pytest
+import trio
+
+from sandboxd.auth import MAX_FAILURES, Gate
+from sandboxd.server import WEBSOCKET_PATHS
+from tests.helpers import exec_socket, http_request, multipart, open_ws, rejection, running_daemon
+
+TOKEN = "s3cret-t0ken-for-tests"
+
+
+def test_the_token_is_accepted_from_either_header_and_compared_exactly() -> None:
+    gate = Gate(TOKEN, "")
+    check = lambda headers: gate.check("/sessions", headers, "p", 0.0, upgrade=False)  # noqa: E731
+    assert check({"x-api-key": TOKEN}).allowed
+    assert check({"authorization": f"Bearer {TOKEN}"}).allowed
+    assert check({"authorization": f"bearer {TOKEN}"}).allowed
+    assert not check({}).allowed
+    assert not check({"x-api-key": TOKEN[:-1] + "X"}).allowed  # same length
+    assert not check({"x-api-key": TOKEN + "X"}).allowed  # different length
+    assert not check({"authorization": TOKEN}).allowed  # not Bearer
+    assert gate.check("/healthz", {}, "p", 0.0, upgrade=False).allowed
+
+
+def test_repeated_failures_from_one_peer_get_429_until_the_window_passes() -> None:
+    gate = Gate(TOKEN, "")
+    for _ in range(MAX_FAILURES):
+        assert gate.check("/sessions", {}, "peer", 10.0, upgrade=False).status == 401
+    limited = gate.check("/sessions", {"x-api-key": TOKEN}, "peer", 20.0, upgrade=False)
+    assert (limited.status, limited.retry_after) == (429, 50)
+    assert gate.check("/sessions", {"x-api-key": TOKEN}, "other", 20.0, upgrade=False).allowed
+    assert gate.check("/sessions", {"x-api-key": TOKEN}, "peer", 70.0, upgrade=False).allowed
+
+
+def test_origins_must_match_exactly_when_present() -> None:
+    gate = Gate("", "https://trusted.example.com")
+    up = lambda origin: gate.check("/execute/ws", {"origin": origin}, "p", 0.0, upgrade=True)  # noqa: E731
+    assert up("https://trusted.example.com").allowed
+    assert up("https://trusted.example.com.evil.com").status == 403
+    assert up("https://evil.com").status == 403
+    assert gate.check("/execute/ws", {}, "p", 0.0, upgrade=True).allowed  # SDKs send none
+
+
+async def test_every_route_and_upgrade_refuses_without_the_token_before_acting(
+    tmp_path: pathlib.Path,
+) -> None:
+    target = tmp_path / "must-not-exist.txt"
+    async with running_daemon(token=TOKEN) as daemon:
+        address = daemon.running.address
+        routes = daemon.running.app.http_routes
+        with trio.fail_after(30):
+            for path, methods in routes.items():
+                for method in methods:
+                    for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": TOKEN + "x"}):
+                        body, extra = multipart(b"data")
+                        response = await http_request(
+                            address,
+                            method,
+                            f"{path}?path={quote(str(target), safe='')}",
+                            body,
+                            {**extra, **headers},
+                        )
+                        if path == "/healthz":
+                            assert response.status == 200
+                            continue
+                        assert response.status in (401, 429), (method, path, response.status)
+                        if response.status == 401 and method != "HEAD":
+                            detail = response.json()["detail"]
+                            assert detail["error"] == "Unauthorized"
+            for ws_path in WEBSOCKET_PATHS:
+                refused = await rejection(daemon.ws.replace("/execute/ws", ws_path))
+                assert refused.status_code in (401, 429)
+            assert not target.exists()
+            assert daemon.running.supervisor.sessions == {}
+
+
+async def test_the_right_token_opens_every_door() -> None:
+    async with running_daemon(token=TOKEN) as daemon:
+        with trio.fail_after(10):
+            ok = await http_request(
+                daemon.running.address, "GET", "/sessions", headers={"x-api-key": TOKEN}
+            )
+            bearer = await http_request(
+                daemon.running.address,
+                "GET",
+                "/sessions",
+                headers={"authorization": f"Bearer {TOKEN}"},
+            )
+            async with open_ws(daemon.ws, [("x-api-key", TOKEN)]) as (ws, _):
+                await ws.send_message(json.dumps({"type": "execute", "command": "echo in"}))
+                assert json.loads(await ws.get_message())["type"] == "started"
+    assert ok.status == bearer.status == 200
+
+
+async def test_a_foreign_origin_cannot_open_a_websocket() -> None:
+    async with running_daemon(allowed_origins="https://trusted.example.com") as daemon:
+        with trio.fail_after(10):
+            refused = await rejection(
+                daemon.ws, [("Origin", "https://trusted.example.com.evil.com")]
+            )
+            async with open_ws(daemon.ws, [("Origin", "https://trusted.example.com")]):
+                pass
+            async with exec_socket(daemon.ws) as client:  # no Origin: an SDK
+                await client.send(type="execute", command="true")
+                await client.recv_until("started")
+    assert refused.status_code == 403
+
+
+def test_the_token_stays_out_of_cmdline_logs_and_commands() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandboxd", "--listen", "127.0.0.1:0", "--token", TOKEN],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    with proc.stderr:
+        address = json.loads(proc.stderr.readline())["address"]
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+            assert TOKEN.encode() not in cmdline.read()
+
+        async def probe() -> str:
+            await http_request(
+                address, "GET", f"/sessions?token={TOKEN}", headers={"x-api-key": TOKEN + "x"}
+            )
+            await http_request(address, "GET", f"/nope?token={TOKEN}", headers={"x-api-key": TOKEN})
+            async with open_ws(f"ws://{address}/execute/ws", [("x-api-key", TOKEN)]) as (ws, _):
+                await ws.send_message(
+                    json.dumps({"type": "execute", "command": "env; cat /proc/$$/cmdline"})
+                )
+                seen = ""
+                while True:
+                    frame = json.loads(await ws.get_message())
+                    if frame["type"] == "stdout":
+                        seen += frame["data"]
+                    if frame["type"] == "exit":
+                        return seen
+
+        seen = trio.run(probe)
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        logs = proc.stderr.read()
+    assert TOKEN not in seen and TOKEN not in logs
+    assert "SANDBOXD_COMMAND_ID" in seen
+
+
+@pytest.mark.sdk
+def test_the_python_sdk_authenticates_with_its_api_key() -> None:
+    from langsmith.sandbox import Sandbox, SandboxClient, SandboxConnectionError
+
+    from tests.sdk.conftest import start_daemon, stop_daemon
+
+    os.environ.setdefault("LANGSMITH_SANDBOX_WS_TIMEOUT_CONNECT_BUDGET", "3")
+    daemon = start_daemon("--token", TOKEN)
+    try:
+
+        def sandbox(key: str) -> Sandbox:
+            client = SandboxClient(api_key=key, api_endpoint="http://127.0.0.1:9/x", max_retries=0)
+            return Sandbox.from_dict(
+                {"name": "local", "dataplane_url": daemon.url}, client=client, auto_delete=False
+            )
+
+        assert sandbox(TOKEN).run("echo authed", timeout=10).stdout == "authed\n"
+        with pytest.raises(SandboxConnectionError):
+            sandbox("wrong-key").run("echo no", timeout=10)
+    finally:
+        assert stop_daemon(daemon) == 0
