@@ -62,16 +62,13 @@ class RingBuffer:
         self._starts.append(self.end)
         self.end += len(data)
         self.size += len(data)
-        while self.size > self.capacity and self._evict_oldest():
+        while self.size > self.capacity and self.evict_oldest():
             pass
         if self._pool is not None:
             self._pool.grew(self, len(data))
 
     def evict_oldest(self) -> int:
         """Drop the oldest chunk; returns how many bytes that freed (0 when empty)."""
-        return self._evict_oldest()
-
-    def _evict_oldest(self) -> int:
         if self._head >= len(self._chunks):
             return 0
         freed = len(self._chunks[self._head])
@@ -88,7 +85,7 @@ class RingBuffer:
 
     def clear(self) -> None:
         """Drop everything retained (the session is gone)."""
-        while self._evict_oldest():
+        while self.evict_oldest():
             pass
 
     def read_from(self, offset: int, max_bytes: int) -> ReadResult:
