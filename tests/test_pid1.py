@@ -3,72 +3,51 @@ child process: orphans, signals, and commands' escapees (design.md, "Processes")
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psutil
 import pytest
 import trio
 
 from tests.helpers import exec_socket, run_command
+from tests.sdk.conftest import DaemonProcess, start_daemon
 
 UNSHARE = shutil.which("unshare")
 
 
 @dataclass
 class Spawned:
-    """A sandboxd process; ``daemon`` is sandboxd itself (not unshare). Its log lines are
-    drained into ``logs`` (an undrained pipe would block the daemon once full)."""
+    """A sandboxd process; ``daemon`` is sandboxd itself (not unshare)."""
 
-    launcher: subprocess.Popen[str]
+    handle: DaemonProcess
     daemon: psutil.Process
-    address: str
-    logs: list[dict[str, object]] = field(default_factory=list)
-    reader: threading.Thread | None = None
 
     @property
     def ws(self) -> str:
-        return f"ws://{self.address}/execute/ws"
+        return f"ws://{self.handle.address}/execute/ws"
 
 
 def _launch(as_pid1: bool) -> Spawned:
-    argv = [sys.executable, "-m", "sandboxd", "--listen", "127.0.0.1:0", "--stop-grace", "1"]
-    if as_pid1:
-        assert UNSHARE is not None
-        argv = [UNSHARE, "--pid", "--fork", "--mount-proc", *argv]
-    launcher = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    assert launcher.stderr is not None
-    first = json.loads(launcher.stderr.readline())
-    assert first["msg"] == "listening", first
-    daemon = psutil.Process(launcher.pid)
+    prefix = [UNSHARE, "--pid", "--fork", "--mount-proc"] if as_pid1 and UNSHARE else []
+    handle = start_daemon("--stop-grace", "1", launcher=prefix)
+    daemon = psutil.Process(handle.process.pid)
     if as_pid1:
         (daemon,) = daemon.children()
-    spawned = Spawned(launcher, daemon, first["address"])
-
-    def drain() -> None:
-        assert launcher.stderr is not None
-        for line in launcher.stderr:
-            if line.startswith("{"):
-                spawned.logs.append(json.loads(line))
-
-    spawned.reader = threading.Thread(target=drain, daemon=True)
-    spawned.reader.start()
-    return spawned
+    return Spawned(handle, daemon)
 
 
 def _finish(spawned: Spawned) -> tuple[int, list[dict[str, object]]]:
-    code = spawned.launcher.wait(timeout=30)
-    assert spawned.reader is not None
-    spawned.reader.join(timeout=10)
-    return code, spawned.logs
+    """Wait for the daemon to end by itself; its exit code and every log line."""
+    handle = spawned.handle
+    code = handle.process.wait(timeout=30)
+    if handle.reader is not None:
+        handle.reader.join(timeout=10)
+    return code, handle.logs
 
 
 @pytest.fixture(params=["pid1", "child"])
@@ -79,13 +58,12 @@ def spawned(request: pytest.FixtureRequest) -> Iterator[Spawned]:
     try:
         yield running
     finally:
-        if running.launcher.poll() is None:
+        process = running.handle.process
+        if process.poll() is None:
             running.daemon.send_signal(signal.SIGKILL)
-            running.launcher.wait(timeout=30)
-        if running.reader is not None:
-            running.reader.join(timeout=10)
-        if running.launcher.stderr is not None:
-            running.launcher.stderr.close()
+        _finish(running)
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 def zombies(process: psutil.Process) -> list[psutil.Process]:

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -34,10 +34,12 @@ class DaemonProcess:
         return f"http://{self.address}"
 
 
-def start_daemon(*args: str) -> DaemonProcess:
-    """Start ``python -m sandboxd --listen 127.0.0.1:0 ARGS`` and wait for its address."""
+def start_daemon(*args: str, launcher: Sequence[str] = ()) -> DaemonProcess:
+    """Start ``[LAUNCHER] python -m sandboxd --listen 127.0.0.1:0 ARGS`` and wait for its
+    address; its log lines are drained into ``logs`` from then on (an undrained pipe
+    would block the daemon once full)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandboxd", "--listen", "127.0.0.1:0", *args],
+        [*launcher, sys.executable, "-m", "sandboxd", "--listen", "127.0.0.1:0", *args],
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
@@ -55,8 +57,8 @@ def start_daemon(*args: str) -> DaemonProcess:
 
     def drain() -> None:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            daemon.logs.append(json.loads(line))
+        for line in proc.stderr:  # a launcher (unshare) may print plain text
+            daemon.logs.append(json.loads(line) if line.startswith("{") else {"raw": line})
 
     daemon.reader = threading.Thread(target=drain, daemon=True)
     daemon.reader.start()
