@@ -6,6 +6,7 @@ import os
 import pathlib
 import random
 import signal
+import time
 
 import psutil
 import pytest
@@ -140,7 +141,12 @@ async def test_children_get_only_fds_0_to_2_and_default_signal_state() -> None:
     process.close_inherited_fds_on_exec()
     child = process.spawn(request("", argv=["/bin/sleep", "30"], close_stdin=False))
     try:
-        # posix_spawn returns after the exec, so this is sleep's own state.
+        # posix_spawn returns after the exec, but sleep briefly opens files of its own
+        # while it starts (locale data): look once it sits in its nanosleep.
+        deadline = time.monotonic() + 5
+        while "sleep" not in pathlib.Path(f"/proc/{child.pid}/wchan").read_text():
+            assert time.monotonic() < deadline, "sleep never went to sleep"
+            time.sleep(0.005)
         fds = sorted(int(fd) for fd in os.listdir(f"/proc/{child.pid}/fd"))
         where = {fd: os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in fds if fd > 2}
         assert fds == [0, 1, 2], where
