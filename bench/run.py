@@ -106,28 +106,39 @@ class Bench:
 
     # -- workloads ---------------------------------------------------------------------
 
-    async def start_latency(self, sandboxd: Server) -> None:
-        runs = 30 if self.quick else 300
-        command = "echo hello"
+    async def both(
+        self, sandboxd: Server, command: str, runs: int, *, lines: bool
+    ) -> tuple[list[RunResult], dict[str, float], list[RunResult] | None, dict[str, float] | None]:
+        """``runs`` verified runs of ``command`` on sandboxd, then on a websocketd started
+        for it (binary frames, or a message per line with ``lines``) when installed."""
         want = expected(command)
         ours, ours_cpu = await self.measure(
             sandboxd, runs, lambda: sandboxd_run(sandboxd.port, command)
         )
         for r in ours:
             check(r, want, "sandboxd")
+        if not self.have_websocketd:
+            return ours, ours_cpu, None, None
+        wsd = start_websocketd(command, binary=not lines)
+        try:
+            theirs, theirs_cpu = await self.measure(
+                wsd, runs, lambda: websocketd_run(wsd.port, lines=lines)
+            )
+        finally:
+            wsd.stop()
+        for r in theirs:
+            check(r, want, "websocketd")
+        return ours, ours_cpu, theirs, theirs_cpu
+
+    async def start_latency(self, sandboxd: Server) -> None:
+        runs = 30 if self.quick else 300
+        ours, ours_cpu, theirs, theirs_cpu = await self.both(
+            sandboxd, "echo hello", runs, lines=True
+        )
         ours_ms = summary([r.first_byte * 1000 for r in ours])
         entry: dict[str, Any] = {"sandboxd_ms": ours_ms, "sandboxd_cpu": ours_cpu}
         theirs_ms = None
-        if self.have_websocketd:
-            wsd = start_websocketd(command, binary=False)
-            try:
-                theirs, theirs_cpu = await self.measure(
-                    wsd, runs, lambda: websocketd_run(wsd.port, lines=True)
-                )
-            finally:
-                wsd.stop()
-            for r in theirs:
-                check(r, want, "websocketd")
+        if theirs is not None:
             theirs_ms = summary([r.first_byte * 1000 for r in theirs])
             entry.update(websocketd_ms=theirs_ms, websocketd_cpu=theirs_cpu)
         self.results["start_latency"] = entry
@@ -136,29 +147,15 @@ class Bench:
 
     async def throughput(self, sandboxd: Server, name: str, command: str, lines: bool) -> None:
         runs = 1 if self.quick else 3
-        want = expected(command)
-        ours, ours_cpu = await self.measure(
-            sandboxd, runs, lambda: sandboxd_run(sandboxd.port, command)
-        )
-        for r in ours:
-            check(r, want, "sandboxd")
+        ours, ours_cpu, theirs, theirs_cpu = await self.both(sandboxd, command, runs, lines=lines)
         ours_mbs = summary([r.nbytes / r.elapsed / 1e6 for r in ours])
         entry: dict[str, Any] = {
-            "bytes": want[0],
+            "bytes": ours[0].nbytes,
             "sandboxd_MBps": ours_mbs,
             "sandboxd_cpu": ours_cpu,
         }
         theirs_mbs = None
-        if self.have_websocketd:
-            wsd = start_websocketd(command, binary=not lines)
-            try:
-                theirs, theirs_cpu = await self.measure(
-                    wsd, runs, lambda: websocketd_run(wsd.port, lines=lines)
-                )
-            finally:
-                wsd.stop()
-            for r in theirs:
-                check(r, want, "websocketd")
+        if theirs is not None:
             theirs_mbs = summary([r.nbytes / r.elapsed / 1e6 for r in theirs])
             entry.update(websocketd_MBps=theirs_mbs, websocketd_cpu=theirs_cpu)
         self.results[name] = entry

@@ -111,6 +111,11 @@ class ExecClient:
             if frame["type"] in types:
                 return frame
 
+    async def recv_until_text(self, stream: str, text: str) -> None:
+        """Read until ``text`` has appeared in ``stream``'s output so far."""
+        while text not in self.transcript.text(stream):
+            await self.recv()
+
     async def collect(self) -> Transcript:
         """Read until the server closes; returns the whole transcript."""
         try:

@@ -130,8 +130,7 @@ async def test_escapees_are_gone_after_a_kill(spawned: Spawned) -> None:
                 "(setsid sh -c 'sleep 1000 & echo $!' &) ; echo ready; sleep 1000",
             )
             await client.recv_until("started")
-            while "ready" not in client.transcript.text("stdout"):
-                await client.recv()
+            await client.recv_until_text("stdout", "ready")
             await trio.sleep(0.3)
             command_id = client.transcript.frames[0]["command_id"]
             sleepers = [

@@ -82,8 +82,7 @@ async def test_signal_frames_reach_the_process_group_by_name_or_number(daemon: D
             await client.recv_until("started")
             await client.recv_until("stdout")
             await client.send(type="signal", signal="USR1")
-            while "got-usr1" not in client.transcript.text("stdout"):
-                await client.recv()
+            await client.recv_until_text("stdout", "got-usr1")
             await client.send(type="signal", signal=2)
             t = await client.collect()
     assert "got-int" in t.text("stdout") and t.terminal["exit_code"] == 9
@@ -123,11 +122,9 @@ async def test_resize_changes_the_pty_size_and_fires_winch(daemon: Daemon) -> No
                 pty=True,
             )
             await client.recv_until("started")
-            while "ready" not in client.transcript.text("stdout"):
-                await client.recv()
+            await client.recv_until_text("stdout", "ready")
             await client.send(type="resize", cols=100, rows=30)
-            while "30 100" not in client.transcript.text("stdout"):
-                await client.recv()
+            await client.recv_until_text("stdout", "30 100")
             await client.send(type="kill")
             t = await client.collect()
     assert "winch" in t.text("stdout")
