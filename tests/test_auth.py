@@ -21,7 +21,7 @@ TOKEN = "s3cret-t0ken-for-tests"
 
 def test_the_token_is_accepted_from_either_header_and_compared_exactly() -> None:
     gate = Gate(TOKEN, "")
-    check = lambda headers: gate.check("/sessions", headers, "p", 0.0, upgrade=False)  # noqa: E731
+    check = lambda headers: gate.check("/sessions", headers.get, "p", 0.0, upgrade=False)  # noqa: E731
     assert check({"x-api-key": TOKEN}).allowed
     assert check({"authorization": f"Bearer {TOKEN}"}).allowed
     assert check({"authorization": f"bearer {TOKEN}"}).allowed
@@ -29,26 +29,26 @@ def test_the_token_is_accepted_from_either_header_and_compared_exactly() -> None
     assert not check({"x-api-key": TOKEN[:-1] + "X"}).allowed  # same length
     assert not check({"x-api-key": TOKEN + "X"}).allowed  # different length
     assert not check({"authorization": TOKEN}).allowed  # not Bearer
-    assert gate.check("/healthz", {}, "p", 0.0, upgrade=False).allowed
+    assert gate.check("/healthz", {}.get, "p", 0.0, upgrade=False).allowed
 
 
 def test_repeated_failures_from_one_peer_get_429_until_the_window_passes() -> None:
     gate = Gate(TOKEN, "")
     for _ in range(MAX_FAILURES):
-        assert gate.check("/sessions", {}, "peer", 10.0, upgrade=False).status == 401
-    limited = gate.check("/sessions", {"x-api-key": TOKEN}, "peer", 20.0, upgrade=False)
+        assert gate.check("/sessions", {}.get, "peer", 10.0, upgrade=False).status == 401
+    limited = gate.check("/sessions", {"x-api-key": TOKEN}.get, "peer", 20.0, upgrade=False)
     assert (limited.status, limited.retry_after) == (429, 50)
-    assert gate.check("/sessions", {"x-api-key": TOKEN}, "other", 20.0, upgrade=False).allowed
-    assert gate.check("/sessions", {"x-api-key": TOKEN}, "peer", 70.0, upgrade=False).allowed
+    assert gate.check("/sessions", {"x-api-key": TOKEN}.get, "other", 20.0, upgrade=False).allowed
+    assert gate.check("/sessions", {"x-api-key": TOKEN}.get, "peer", 70.0, upgrade=False).allowed
 
 
 def test_origins_must_match_exactly_when_present() -> None:
     gate = Gate("", "https://trusted.example.com")
-    up = lambda origin: gate.check("/execute/ws", {"origin": origin}, "p", 0.0, upgrade=True)  # noqa: E731
+    up = lambda origin: gate.check("/execute/ws", {"origin": origin}.get, "p", 0.0, upgrade=True)  # noqa: E731
     assert up("https://trusted.example.com").allowed
     assert up("https://trusted.example.com.evil.com").status == 403
     assert up("https://evil.com").status == 403
-    assert gate.check("/execute/ws", {}, "p", 0.0, upgrade=True).allowed  # SDKs send none
+    assert gate.check("/execute/ws", {}.get, "p", 0.0, upgrade=True).allowed  # SDKs send none
 
 
 async def test_every_route_and_upgrade_refuses_without_the_token_before_acting(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 PUBLIC_PATHS = frozenset({"/healthz"})
@@ -51,10 +52,16 @@ class Gate:
         return bool(self._token)
 
     def check(
-        self, path: str, headers: dict[str, str], peer: str, now: float, upgrade: bool
+        self,
+        path: str,
+        header: Callable[[str], str | None],
+        peer: str,
+        now: float,
+        upgrade: bool,
     ) -> Verdict:
-        """Whether a request may proceed. ``headers`` are lower-cased names."""
-        if upgrade and "origin" in headers and headers["origin"] not in self._origins:
+        """Whether a request may proceed. ``header(name)`` looks a request header up."""
+        origin = header("origin") if upgrade else None
+        if origin is not None and origin not in self._origins:
             return Verdict(
                 False, 403, "PermissionDenied", "WebSocket upgrades from this Origin are refused"
             )
@@ -66,7 +73,7 @@ class Gate:
         if count >= MAX_FAILURES:
             retry = max(1, int(started + FAILURE_WINDOW - now + 0.999))
             return Verdict(False, 429, "TooManyRequests", "too many failed authentications", retry)
-        if self._presented_token_matches(headers):
+        if self._presented_token_matches(header):
             return ALLOWED
         self._failures[peer] = (started, count + 1)
         self._failures.move_to_end(peer)
@@ -79,11 +86,12 @@ class Gate:
             "a valid token is required in X-Api-Key or Authorization: Bearer",
         )
 
-    def _presented_token_matches(self, headers: dict[str, str]) -> bool:
+    def _presented_token_matches(self, header: Callable[[str], str | None]) -> bool:
         candidates = []
-        if "x-api-key" in headers:
-            candidates.append(headers["x-api-key"])
-        authorization = headers.get("authorization", "")
+        api_key = header("x-api-key")
+        if api_key is not None:
+            candidates.append(api_key)
+        authorization = header("authorization") or ""
         if authorization[:7].lower() == "bearer ":
             candidates.append(authorization[7:].strip())
         ok = False

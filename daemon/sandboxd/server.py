@@ -30,6 +30,7 @@ from sandboxd.httpio import (
     Scope,
     Send,
     error_body,
+    header,
     read_json,
     respond,
     respond_error,
@@ -88,10 +89,7 @@ class App:
         if kind in ("websocket", "http"):
             verdict = self.gate.check(
                 path,
-                {
-                    bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
-                    for k, v in scope["headers"]
-                },
+                lambda name: header(scope, name),
                 scope["client"][0] if scope.get("client") else "?",
                 trio.current_time(),
                 upgrade=kind == "websocket",
