@@ -166,6 +166,27 @@ def test_a_stalled_client_stops_pacing_after_stall_seconds() -> None:
     assert s.may_read(Stream.STDOUT, 105.0, 100)
 
 
+def test_a_client_parked_with_everything_keeps_pacing_however_long_it_waited() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    parked = s.attach(100.0, stdout_offset=0)
+    parked.waiting = True  # it had everything; the 1000 bytes came while it slept
+    assert not s.may_read(Stream.STDOUT, 1000.0, 100)  # 1000 s later it still counts
+    parked.waiting = False
+    assert s.may_read(Stream.STDOUT, 1000.0, 100)  # a client gone quiet does not
+
+
+def test_finished_for_means_finished_and_caught_up() -> None:
+    s = make()
+    s.stdout.append(b"abc")
+    a = s.attach(100.0)
+    assert not s.finished_for(a)
+    s.finish(101.0, ExitStatus(0))
+    assert not s.finished_for(a)
+    a.stdout_cursor = 3
+    assert s.finished_for(a)
+
+
 def test_with_no_client_attached_reading_never_waits() -> None:
     s = make()
     s.stdout.append(b"x" * 1024)

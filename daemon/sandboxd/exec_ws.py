@@ -37,7 +37,7 @@ from sandboxd.messages import (
     decode_client,
     encode_text,
 )
-from sandboxd.session import Attachment, SessionState, Stream
+from sandboxd.session import Attachment, Stream
 from sandboxd.supervisor import LiveSession, Supervisor
 
 log = logging.getLogger("sandboxd.exec")
@@ -200,16 +200,14 @@ class ExecConnection:
                     await self._send(chunk)
                     progressed = True
                 if result.gap is not None or result.data:
-                    attachment.advance(stream, result, trio.current_time())
-                    live.notify_consumed()
+                    live.delivered(attachment, stream, result)
             if progressed:
                 continue
-            if core.state is not SessionState.RUNNING and core.caught_up(attachment):
+            if core.finished_for(attachment):
                 await self._send(core.terminal_message())
                 await self._close(1000)
                 return
-            await live.wait_changed()
-            attachment.last_progress = trio.current_time()
+            await live.wait_for_output(attachment)
 
     # ---- sending ----------------------------------------------------------------------
 

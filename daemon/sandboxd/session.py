@@ -104,11 +104,16 @@ Effect = KillTree | Expire
 
 @dataclass(eq=False, slots=True)
 class Attachment:
-    """One attached client: its own cursor in each stream."""
+    """One attached client: its own cursor in each stream.
+
+    ``waiting`` is true while the client has taken everything and is parked until more
+    output comes: it is ready, however long ago its ``last_progress`` was.
+    """
 
     stdout_cursor: int
     stderr_cursor: int
     last_progress: float
+    waiting: bool = False
 
     def cursor(self, stream: Stream) -> int:
         """The next byte this client wants from ``stream``."""
@@ -199,6 +204,10 @@ class Session:
         """The next output this client should get from ``stream``."""
         return self.ring(stream).read_from(attachment.cursor(stream), max_bytes)
 
+    def finished_for(self, attachment: Attachment) -> bool:
+        """Whether the client has all of a finished session's output: next, its end."""
+        return self.state is not SessionState.RUNNING and self.caught_up(attachment)
+
     def caught_up(self, attachment: Attachment) -> bool:
         """Whether the client has everything buffered so far in both streams."""
         return (
@@ -211,14 +220,16 @@ class Session:
 
         Output is paced like a pipe by the slowest client that is still taking output:
         the child is read only while every such client would keep its unread bytes in
-        the ring. A client that has taken nothing for ``stall_seconds`` (gone quiet,
-        or too slow to take a single frame) stops pacing: it may later see a gap, and
-        the others go on. With nobody attached, reading never waits.
+        the ring. A client that has taken nothing for ``stall_seconds`` while output
+        waited for it (gone quiet, or too slow to take a single frame) stops pacing: it
+        may later see a gap, and the others go on. A client parked because it has
+        everything (``waiting``) always paces. With nobody attached, reading never waits.
         """
         ring = self.ring(stream)
         slowest: int | None = None
         for attachment in self.attachments:
-            if now - attachment.last_progress < self.stall_seconds:
+            ready = attachment.waiting or now - attachment.last_progress < self.stall_seconds
+            if ready:
                 cursor = attachment.cursor(stream)
                 slowest = cursor if slowest is None else min(slowest, cursor)
         if slowest is None:

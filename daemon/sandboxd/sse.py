@@ -21,7 +21,7 @@ from sandboxd.config import CHUNK_BYTES
 from sandboxd.errors import CommandTimeout, PayloadTooLarge
 from sandboxd.httpio import Receive, Scope, Send, read_json, respond_json
 from sandboxd.messages import Error, Execute, RunConfig
-from sandboxd.session import Attachment, SessionState, Stream
+from sandboxd.session import Attachment, Stream
 from sandboxd.supervisor import LiveSession, Supervisor
 
 log = logging.getLogger("sandboxd.sse")
@@ -150,9 +150,8 @@ class SseEndpoints:
                     delivered += len(result.data)
                     progressed = True
                 if result.data or result.gap:
-                    attachment.advance(stream, result, trio.current_time())
-                    live.notify_consumed()
-            finished = core.state is not SessionState.RUNNING and core.caught_up(attachment)
+                    live.delivered(attachment, stream, result)
+            finished = core.finished_for(attachment)
             if delivered >= self._ack_bytes and not finished:
                 offsets = {
                     "stdout_offset": attachment.stdout_cursor,
@@ -176,11 +175,8 @@ class SseEndpoints:
                 else:
                     await emit(_event("exit", {"exit_code": terminal.exit_code}))
                 break
-            with trio.move_on_after(HEARTBEAT_SECONDS) as idle:
-                await live.wait_changed()
-            if idle.cancelled_caught:
+            if not await live.wait_for_output(attachment, HEARTBEAT_SECONDS):
                 await emit(b": ping\n\n")
-            attachment.last_progress = trio.current_time()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def execute(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -220,12 +216,12 @@ class SseEndpoints:
                                         f"{stream.value} passed {EXECUTE_OUTPUT_LIMIT} bytes; "
                                         "stream large output over /execute/ws instead"
                                     )
-                            attachment.advance(stream, result, trio.current_time())
-                        live.notify_consumed()
-                        if core.state is not SessionState.RUNNING and core.caught_up(attachment):
+                            if result.data or result.gap:
+                                live.delivered(attachment, stream, result)
+                        if core.finished_for(attachment):
                             break
                         if core.caught_up(attachment):
-                            await live.wait_changed()
+                            await live.wait_for_output(attachment)
                     nursery.cancel_scope.cancel()
         finally:
             self._supervisor.detach(live, attachment)

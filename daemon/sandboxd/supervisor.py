@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import signal
 import time
@@ -25,7 +26,7 @@ from sandboxd import process
 from sandboxd.config import CHUNK_BYTES, Config
 from sandboxd.errors import CommandNotFound, ServerShuttingDown, SessionExpired, TooManySessions
 from sandboxd.messages import Execute, validate_execute
-from sandboxd.ringbuffer import BufferPool
+from sandboxd.ringbuffer import BufferPool, ReadResult
 from sandboxd.session import (
     Attachment,
     EndReason,
@@ -87,6 +88,25 @@ class LiveSession:
         """A client took output: wake a reader that is pacing the child."""
         self._consumed.set()
         self._consumed = trio.Event()
+
+    def delivered(self, attachment: Attachment, stream: Stream, result: ReadResult) -> None:
+        """``result`` reached the client (or was skipped as a gap): move its cursor."""
+        attachment.advance(stream, result, trio.current_time())
+        self.notify_consumed()
+
+    async def wait_for_output(self, attachment: Attachment, patience: float = math.inf) -> bool:
+        """Park a caught-up client until the session changes; False if ``patience`` ran out.
+
+        While parked it still counts as ready to take output (it paces the child).
+        """
+        attachment.waiting = True
+        try:
+            with trio.move_on_after(patience) as scope:
+                await self._changed.wait()
+        finally:
+            attachment.waiting = False
+            attachment.last_progress = trio.current_time()
+        return not scope.cancelled_caught
 
     def reschedule(self) -> None:
         """Point the timer scope at the core's next deadline."""
