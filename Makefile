@@ -8,12 +8,12 @@ TS_DIR := tests/sdk/ts
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench venv node tools clean
+.PHONY: run test lint bench dist venv node tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dist]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -42,12 +42,22 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check daemon tests
 	$(BIN)/mypy --strict daemon
 
-test: $(STAMP) $(TS_STAMP) tools lint
+test: $(STAMP) $(TS_STAMP) tools lint dist
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# One self-contained executable for snapshot images (no Python needed on the image):
+# PyInstaller --onefile, glibc from the image. Rebuilt when a daemon source changes.
+DIST := dist/sandboxd
+$(DIST): $(STAMP) packaging/entry.py $(wildcard daemon/sandboxd/*.py)
+	$(BIN)/pyinstaller --onefile --name sandboxd --paths daemon --distpath dist \
+		--workpath build/pyinstaller --specpath build --noconfirm --log-level WARN \
+		packaging/entry.py
+
+dist: $(DIST)
 
 # Full benchmarks, sandboxd and websocketd in one run; raw results in bench/results/.
 bench: $(STAMP) tools
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) $(TS_DIR)/node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist $(TS_DIR)/node_modules .mypy_cache .ruff_cache .pytest_cache

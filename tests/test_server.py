@@ -38,6 +38,16 @@ async def test_healthz_reports_ok_and_counts(daemon: Daemon) -> None:
     assert head_status == 200 and head_body is None
 
 
+async def test_healthz_fails_readiness_once_a_stop_has_begun(daemon: Daemon) -> None:
+    with trio.fail_after(10):
+        daemon.running.supervisor.shutting_down = True
+        try:
+            status, body = await http_get(daemon, "/healthz")
+        finally:
+            daemon.running.supervisor.shutting_down = False
+    assert status == 503 and body["status"] == "stopping"
+
+
 async def test_sessions_lists_each_command_with_state_clients_and_bytes(daemon: Daemon) -> None:
     command_id = uuid.uuid4().hex
     with trio.fail_after(10):

@@ -164,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Anyone on the machine can read /proc/<pid>/cmdline: move the token into this
         # process's environment and exec again, the same pid, without it on the line.
         os.environ["SANDBOXD_TOKEN"] = token
-        os.execv(sys.executable, [sys.executable, "-m", "sandboxd", *rest])
+        frozen = getattr(sys, "frozen", False)  # the single-file build is its own program
+        os.execv(sys.executable, [sys.executable, *([] if frozen else ["-m", "sandboxd"]), *rest])
     config = parse_args(args, os.environ)
     setup_logging(config.log_level)
     _ensure_standard_fds()

@@ -210,7 +210,9 @@ class App:
             "buffered_bytes": supervisor.pool.total,
             "orphans_reaped": supervisor.reaper.orphans_reaped,
         }
-        await respond_json(send, 200, payload, head=scope["method"] == "HEAD")
+        # 503 while stopping, so a readiness probe takes the sandbox out of rotation.
+        status = 503 if supervisor.shutting_down else 200
+        await respond_json(send, status, payload, head=scope["method"] == "HEAD")
 
     async def _sessions(self, scope: Scope, receive: Receive, send: Send) -> None:
         await respond_json(send, 200, {"sessions": self.supervisor.snapshot()})

@@ -34,12 +34,18 @@ class DaemonProcess:
         return f"http://{self.address}"
 
 
-def start_daemon(*args: str, launcher: Sequence[str] = ()) -> DaemonProcess:
-    """Start ``[LAUNCHER] python -m sandboxd --listen 127.0.0.1:0 ARGS`` and wait for its
-    address; its log lines are drained into ``logs`` from then on (an undrained pipe
-    would block the daemon once full)."""
+#: How the daemon is started unless a test says otherwise: the package in this venv.
+PYTHON_PROGRAM = (sys.executable, "-m", "sandboxd")
+
+
+def start_daemon(
+    *args: str, launcher: Sequence[str] = (), program: Sequence[str] = PYTHON_PROGRAM
+) -> DaemonProcess:
+    """Start ``[LAUNCHER] PROGRAM --listen 127.0.0.1:0 ARGS`` and wait for its address;
+    its log lines are drained into ``logs`` from then on (an undrained pipe would block
+    the daemon once full)."""
     proc = subprocess.Popen(
-        [*launcher, sys.executable, "-m", "sandboxd", "--listen", "127.0.0.1:0", *args],
+        [*launcher, *program, "--listen", "127.0.0.1:0", *args],
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
