@@ -215,7 +215,9 @@ async def http_request(
     stream = await trio.open_tcp_stream(host, int(port))
     async with stream:
         conn = h11.Connection(h11.CLIENT)
-        sent = {"host": address, "content-length": str(len(body)), **(headers or {})}
+        sent = {"host": address, **(headers or {})}
+        if "transfer-encoding" not in sent:
+            sent["content-length"] = str(len(body))
         request = h11.Request(method=method, target=path, headers=list(sent.items()))
         payload = conn.send(request) or b""
         if body:
@@ -249,3 +251,62 @@ def multipart(
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     return head + content + tail, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+class RawWebSocket:
+    """A WebSocket client built on wsproto that can send what well-behaved clients never
+    do: fragments, binary frames, bytes that are no frame at all."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        from wsproto import ConnectionType, WSConnection
+
+        self.stream = stream
+        self.conn = WSConnection(ConnectionType.CLIENT)
+        self.close_code: int | None = None
+        self.messages: list[str | bytes] = []
+
+    async def handshake(self, host: str, path: str) -> None:
+        from wsproto.events import AcceptConnection, Request
+
+        await self.stream.send_all(self.conn.send(Request(host=host, target=path)))
+        while not any(isinstance(e, AcceptConnection) for e in await self._events()):
+            pass
+
+    async def send(self, event: Any) -> None:
+        """Send one wsproto event (``Message``, ``TextMessage(..., message_finished=False)``)."""
+        await self.stream.send_all(self.conn.send(event))
+
+    async def _events(self) -> list[Any]:
+        data = await self.stream.receive_some(65536)
+        self.conn.receive_data(data or None)
+        return list(self.conn.events())
+
+    async def wait_closed(self) -> int | None:
+        """Read until the server closes; its close code (None: the TCP stream just ended)."""
+        from wsproto.events import CloseConnection, Message
+
+        try:
+            while True:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return None
+                self.conn.receive_data(data)
+                for event in self.conn.events():
+                    if isinstance(event, Message):
+                        self.messages.append(event.data)
+                    elif isinstance(event, CloseConnection):
+                        self.close_code = event.code
+                        return event.code
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+
+
+@asynccontextmanager
+async def raw_ws(address: str, path: str = "/execute/ws") -> AsyncIterator[RawWebSocket]:
+    """A ``RawWebSocket`` after its upgrade; the TCP stream is closed afterwards."""
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        ws = RawWebSocket(stream)
+        await ws.handshake(address, path)
+        yield ws

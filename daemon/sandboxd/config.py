@@ -13,6 +13,7 @@ import msgspec
 
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 
 #: Largest amount of UTF-8 output carried by one ``stdout``/``stderr`` frame. JSON
 #: escaping can grow it at most 6x, which keeps every frame far below the 1 MiB the
@@ -98,6 +99,22 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             "any other Origin header is refused (clients that send none are not affected)"
         ),
     ] = ""
+    max_connections: Annotated[
+        int,
+        msgspec.Meta(ge=1),
+        _doc("open connections served at once; one more is answered 503 and closed"),
+    ] = 1024
+    handshake_timeout_seconds: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        _doc(
+            "seconds a new connection has to send a whole request head, and an idle "
+            "keep-alive connection stays open"
+        ),
+    ] = 10.0
+    upload_max_bytes: Annotated[
+        int, msgspec.Meta(ge=0), _doc("largest /upload body accepted (0: no limit)")
+    ] = 16 * GiB
     ws_compression: Annotated[
         bool, _doc("accept permessage-deflate when a client offers it (costs CPU)")
     ] = False

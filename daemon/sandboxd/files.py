@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import math
 import mimetypes
 import os
 import stat
@@ -24,6 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from sandboxd.errors import (
     FileNotFound,
     InvalidRequest,
+    PayloadTooLarge,
     PermissionDenied,
     ReadError,
     SandboxdError,
@@ -157,9 +159,17 @@ def _finish_upload(fd: int, temp: str, target: str, old: os.stat_result | None) 
         raise _os_error(exc, target, writing=True) from None
 
 
-async def upload(scope: Scope, receive: Receive, send: Send, home: str) -> None:
-    """Write the body's ``file`` part to ``?path=`` (overwrite, parents created)."""
+async def upload(scope: Scope, receive: Receive, send: Send, home: str, max_bytes: int) -> None:
+    """Write the body's ``file`` part to ``?path=`` (overwrite, parents created).
+
+    A body over ``max_bytes`` (0: no limit) is refused with 413: at once when its
+    Content-Length says so, else as soon as that much has arrived (nothing is kept).
+    """
     target = resolve_path(query_param(scope, "path"), home)
+    limit = max_bytes or math.inf
+    declared = header(scope, "content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"upload body of {declared} bytes is over {max_bytes}")
     mime, options = parse_options_header(header(scope, "content-type") or "")
     boundary = options.get(b"boundary")
     if mime != b"multipart/form-data" or not boundary:
@@ -167,11 +177,14 @@ async def upload(scope: Scope, receive: Receive, send: Send, home: str) -> None:
     part = _FilePart()
     parser = MultipartParser(boundary, part.callbacks())  # type: ignore[arg-type]
     fd, temp, old = await trio.to_thread.run_sync(_prepare_upload, target)
-    written = 0
+    written = received = 0
     renamed = False
     try:
         async with contextlib.aclosing(body_chunks(receive)) as chunks:
             async for chunk in chunks:
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLarge(f"upload body over {max_bytes} bytes")
                 try:
                     parser.write(chunk)
                 except MultipartParseError as exc:

@@ -5,11 +5,17 @@ escaping one connection's protocol handling (seen: h11 ``LocalProtocolError`` wh
 client sends WebSocket data before the upgrade is answered) ends the whole server. Here
 each connection runs ``hypercorn.trio.tcp_server.TCPServer`` inside its own guard: a
 failure is logged and closes that connection only.
+
+At most ``max_connections`` are served at once. One more is told so in a plain 503 with
+the usual ``detail`` body and closed, before any of it is read, so a flood of idle
+connections cannot use up the daemon's file descriptors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import socket
 from functools import partial
 
@@ -20,7 +26,33 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
+from sandboxd.httpio import error_body
+
 log = logging.getLogger("sandboxd.http")
+
+#: How long a refused connection may take to receive its 503.
+REFUSAL_SECONDS = 1.0
+
+
+class _TCPServer(TCPServer):
+    """hypercorn's connection, minus a wait: once the client's side has ended, the idle
+    timer is stopped instead of left to run out (the connection would otherwise hold
+    its task, and its place under ``max_connections``, for the whole timeout)."""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()
+
+
+def _refusal(max_connections: int) -> bytes:
+    body = error_body(
+        "TooManyConnections", f"sandboxd serves at most {max_connections} connections at once"
+    )
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 async def serve_http(
@@ -29,6 +61,7 @@ async def serve_http(
     sock: socket.socket,
     stop: trio.Event,
     *,
+    max_connections: int = 1024,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on the listening ``sock`` until ``stop`` is set.
@@ -40,12 +73,25 @@ async def serve_http(
     wrapped = ASGIWrapper(app)  # type: ignore[arg-type]
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
+    open_connections = 0
+    last_warning = -math.inf
+
     async def handle(stream: trio.SocketStream) -> None:
+        nonlocal open_connections, last_warning
+        if open_connections >= max_connections:
+            if trio.current_time() - last_warning >= 1.0:  # one line a second in a flood
+                last_warning = trio.current_time()
+                log.warning("connections refused: too many open", extra={"max": max_connections})
+            await _refuse(stream, max_connections)
+            return
+        open_connections += 1
         try:
-            await TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+            await _TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
         except Exception:
             log.exception("connection failed; closed it")
             await trio.aclose_forcefully(stream)
+        finally:
+            open_connections -= 1
 
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
@@ -57,3 +103,10 @@ async def serve_http(
             accepting.cancel_scope.cancel()
         await context.terminated.set()
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+
+
+async def _refuse(stream: trio.SocketStream, max_connections: int) -> None:
+    with trio.move_on_after(REFUSAL_SECONDS):
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(_refusal(max_connections))
+    await trio.aclose_forcefully(stream)

@@ -218,7 +218,7 @@ class App:
         await respond_json(send, 200, {"sessions": self.supervisor.snapshot()})
 
     async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await files.upload(scope, receive, send, self.home)
+        await files.upload(scope, receive, send, self.home, self.config.upload_max_bytes)
 
     async def _download(self, scope: Scope, receive: Receive, send: Send) -> None:
         await files.download(scope, send, self.home, head=scope["method"] == "HEAD")

@@ -58,7 +58,10 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc = HypercornConfig()
     hc.accesslog = None
     hc.errorlog = logging.getLogger("sandboxd.http")
-    hc.websocket_max_message_size = config.ws_max_message_bytes
+    hc.websocket_max_message_size = config.ws_max_message_bytes  # beyond it: close 1009
+    # hypercorn arms this timer when a connection opens and only re-arms it once a request
+    # is done, so it bounds the time to send a whole request head (slow or idle handshakes).
+    hc.keep_alive_timeout = config.handshake_timeout_seconds
     hc.graceful_timeout = 2.0
     return hc
 
@@ -97,6 +100,7 @@ async def serve(
                         _hypercorn_config(config),
                         sock,
                         server_stopped,
+                        max_connections=config.max_connections,
                         task_status=task_status,
                     )
                 finally:

@@ -1,0 +1,139 @@
+"""Bounded sizes everywhere (issue 6, item 4): bodies, WebSocket messages and their
+fragments, connections, sessions, and the time a request head may take."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import trio
+from wsproto.events import BytesMessage, TextMessage
+
+from tests.helpers import exec_socket, http_request, multipart, raw_ws, run_command, running_daemon
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+async def test_an_oversized_json_body_gets_413_with_a_detail_body() -> None:
+    async with running_daemon() as daemon:
+        with trio.fail_after(10):
+            body = json.dumps({"pattern": "x" * (2 * MiB), "path": "/"}).encode()
+            response = await http_request(daemon.running.address, "POST", "/glob", body)
+            after = await run_command(daemon.ws, "echo still here")
+    assert response.status == 413
+    assert response.json()["detail"]["error"] == "PayloadTooLarge"
+    assert after.text("stdout") == "still here\n"
+
+
+async def test_an_upload_over_the_cap_is_refused_and_leaves_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "kept.txt"
+    target.write_bytes(b"old")
+    async with running_daemon(upload_max_bytes=64 * KiB) as daemon:
+        address = daemon.running.address
+        with trio.fail_after(10):
+            small, headers = multipart(b"a" * KiB)
+            small_path = f"/upload?path={tmp_path}/small"
+            ok = await http_request(address, "POST", small_path, small, headers)
+            big, headers = multipart(b"b" * (64 * KiB))  # with its multipart framing: over
+            declared = await http_request(address, "POST", f"/upload?path={target}", big, headers)
+            chunked = await http_request(
+                address,
+                "POST",
+                f"/upload?path={target}",
+                big,
+                {**headers, "transfer-encoding": "chunked"},
+            )
+    assert ok.status == 200
+    for refused in (declared, chunked):
+        assert refused.status == 413
+        assert refused.json()["detail"]["error"] == "PayloadTooLarge"
+    assert target.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["kept.txt", "small"]  # no temp file left
+
+
+async def test_an_oversized_websocket_message_closes_1009_and_others_carry_on() -> None:
+    async with running_daemon(ws_max_message_bytes=64 * KiB) as daemon:
+        address = daemon.running.address
+        with trio.fail_after(15):
+            async with exec_socket(daemon.ws) as bystander:
+                await bystander.send(type="execute", command="read x; echo got $x")
+                await bystander.recv_until("started")
+                async with raw_ws(address) as ws:
+                    await ws.send(TextMessage(data="x" * (65 * KiB)))
+                    whole = await ws.wait_closed()
+                async with raw_ws(address) as ws:  # many small fragments of one message
+                    for _ in range(80):
+                        await ws.send(TextMessage(data="y" * KiB, message_finished=False))
+                    fragments = await ws.wait_closed()
+                async with raw_ws(address) as ws:
+                    await ws.send(BytesMessage(data=b"z" * (65 * KiB)))
+                    binary = await ws.wait_closed()
+                await bystander.send(type="input", data="on\n")
+                t = await bystander.collect()
+    assert (whole, fragments, binary) == (1009, 1009, 1009)
+    assert t.text("stdout") == "got on\n"
+
+
+async def test_connections_over_the_cap_get_a_503_and_are_closed() -> None:
+    async with running_daemon(max_connections=3) as daemon:
+        host, port = daemon.running.address.rsplit(":", 1)
+        with trio.fail_after(10):
+            held = [await trio.open_tcp_stream(host, int(port)) for _ in range(3)]
+            await trio.sleep(0.1)  # all three accepted
+            extra = await trio.open_tcp_stream(host, int(port))
+            raw = b""
+            while chunk := await extra.receive_some(65536):
+                raw += chunk
+            await extra.aclose()
+            for stream in held:
+                await stream.aclose()
+            await trio.sleep(0.1)
+            after = await run_command(daemon.ws, "echo room again")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503")
+    assert b"retry-after: 1" in head
+    assert json.loads(body)["detail"]["error"] == "TooManyConnections"
+    assert after.text("stdout") == "room again\n"
+
+
+async def test_sessions_over_the_cap_get_too_many_sessions() -> None:
+    async with running_daemon(max_sessions=2) as daemon:
+        with trio.fail_after(10):
+            async with exec_socket(daemon.ws) as one, exec_socket(daemon.ws) as two:
+                for client in (one, two):
+                    await client.send(type="execute", command="sleep 30")
+                    await client.recv_until("started")
+                refused = await run_command(daemon.ws, "echo three")
+                await one.send(type="kill")
+                await one.collect()
+    assert refused.frames[0]["type"] == "error"
+    assert refused.frames[0]["error_type"] == "TooManySessions"
+
+
+async def test_idle_and_slow_request_heads_time_out() -> None:
+    async with running_daemon(handshake_timeout_seconds=1.0) as daemon:
+        host, port = daemon.running.address.rsplit(":", 1)
+        with trio.fail_after(10):
+            idle = await trio.open_tcp_stream(host, int(port))
+            start = trio.current_time()
+            assert await idle.receive_some(1024) == b""
+            idle_closed = trio.current_time() - start
+            await idle.aclose()
+
+            slow = await trio.open_tcp_stream(host, int(port))  # a byte every 0.1 s
+            start = trio.current_time()
+            request = b"GET /execute/ws HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"p" * 100
+            try:
+                for byte in request:
+                    await slow.send_all(bytes([byte]))
+                    with trio.move_on_after(0.1):
+                        if await slow.receive_some(1024) == b"":
+                            break
+            except trio.BrokenResourceError:
+                pass
+            slow_closed = trio.current_time() - start
+            await slow.aclose()
+    assert 0.9 < idle_closed < 2.5
+    assert 0.9 < slow_closed < 2.5
