@@ -6,7 +6,12 @@ and the times that matter, so that nothing fast-but-lossy can win.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import hashlib
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -122,3 +127,39 @@ async def websocketd_run(port: int, *, lines: bool = False, hash_output: bool = 
     result.elapsed = time.perf_counter() - start
     result.sha256 = digest.hexdigest()
     return result
+
+
+async def slow_reader(port: int, frame: dict[str, Any], rate: int, stop: asyncio.Event) -> int:
+    """A client that reads ``rate`` bytes a second off the TCP socket (a small receive
+    buffer, no WebSocket parsing) until ``stop``; returns how much it read.
+
+    It speaks just enough WebSocket to send one masked text frame, ``frame``.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=rate)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /execute/ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    payload = _encode(frame)
+    mask = os.urandom(4)
+    assert len(payload) < 65536
+    length = (
+        bytes([0x80 | len(payload)])
+        if len(payload) < 126
+        else b"\xfe" + len(payload).to_bytes(2, "big")
+    )
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    writer.write(b"\x81" + length + mask + masked)
+    total = 0
+    try:
+        while not stop.is_set():
+            total += len(await reader.read(rate))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    finally:
+        writer.transport.abort()
+    return total

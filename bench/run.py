@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from clients import RunResult, sandboxd_run, websocketd_run
+from clients import RunResult, sandboxd_run, slow_reader, websocketd_run
 from servers import Server, start_sandboxd, start_websocketd, websocketd_path
 
 RESULTS = Path(__file__).parent / "results"
@@ -259,6 +259,58 @@ class Bench:
         if lost:
             raise AssertionError(f"fan-out to {clients}: {lost} clients lost output")
 
+    async def slow_consumer(self, sandboxd: Server) -> None:
+        """A fast client's throughput alone, then beside a client that reads 1 KB/s: on
+        the same command, and on a command of its own (issue 6, item 8: >= 0.9x)."""
+        size = 20_000_000 if self.quick else 100_000_000
+        runs = 2 if self.quick else 3
+        command = f"sleep 0.5; head -c {size * 3 // 4} /dev/zero | base64 -w 0"
+        want = expected(command.removeprefix("sleep 0.5; "))
+
+        async def fast(slow_on: str | None) -> RunResult:
+            command_id = uuid.uuid4().hex
+            stop = asyncio.Event()
+            slow = None
+            if slow_on is not None:
+                slow_frame = {
+                    "type": "execute",
+                    "command": command if slow_on == "same" else "yes | head -c 1000000000",
+                    "command_id": command_id if slow_on == "same" else uuid.uuid4().hex,
+                    "close_stdin": True,
+                    "timeout_seconds": 0,
+                    "kill_on_disconnect": True,
+                }
+                slow = asyncio.create_task(slow_reader(sandboxd.port, slow_frame, 1024, stop))
+                await asyncio.sleep(0.1)
+            result = await sandboxd_run(sandboxd.port, command, command_id=command_id)
+            stop.set()
+            if slow is not None:
+                result.extra["slow_read"] = await slow
+            check(result, want, f"fast client (slow one on {slow_on})")
+            return result
+
+        rates = {}
+        for slow_on in (None, "same", "other"):
+            results = [await fast(slow_on) for _ in range(runs)]
+            rates[slow_on] = summary([size / (r.elapsed - 0.5) / 1e6 for r in results])
+        solo = rates[None]
+        self.results["slow_consumer"] = {
+            "bytes": size,
+            "solo_MBps": solo,
+            "same_command_MBps": rates["same"],
+            "other_command_MBps": rates["other"],
+        }
+        self.row("fast client alone", "MB/s", solo, None, "")
+        for slow_on in ("same", "other"):
+            ratio = rates[slow_on]["median"] / solo["median"]
+            self.row(
+                f"fast client, 1 KB/s client on the {slow_on} command ({ratio:.2f}x solo)",
+                "MB/s",
+                rates[slow_on],
+                None,
+                "",
+            )
+
     async def pty_throughput(self, sandboxd: Server) -> None:
         size = 10_000_000 if self.quick else 100_000_000
         command = f"head -c {size * 3 // 4} /dev/zero | base64 -w 0"
@@ -422,6 +474,7 @@ async def main(argv: list[str]) -> int:
         ),
         "fanout": lambda: _both(bench.fan_out(sandboxd, 10), bench.fan_out(sandboxd, 100)),
         "pty": lambda: bench.pty_throughput(sandboxd),
+        "slow_consumer": lambda: bench.slow_consumer(sandboxd),
         "memory": lambda: bench.memory(sandboxd_args),
         "replay": lambda: bench.replay(sandboxd),
     }

@@ -258,3 +258,33 @@ async def test_a_connection_that_breaks_http_is_closed_alone(daemon: Daemon) -> 
             t = await bystander.collect()
         status, _ = await http_get(daemon, "/healthz")
     assert t.text("stdout") == "unharmed\n" and status == 200
+
+
+async def test_a_client_reading_1_kb_a_second_does_not_hold_back_a_fast_one() -> None:
+    # Issue 6, item 8. The stall rule is out of reach here (stall_seconds=600): only the
+    # lag rule can free the fast client. Its throughput beside the slow one is measured
+    # by `bench/run.py --only slow_consumer`.
+    from wsproto.events import TextMessage
+
+    from tests.helpers import raw_ws
+
+    command_id = uuid.uuid4().hex
+    command = "sleep 0.3; head -c 48000000 /dev/zero | base64 -w 0"  # 64,000,000 bytes
+    async with running_daemon(stall_seconds=600.0) as daemon:
+        with trio.fail_after(60):
+            async with raw_ws(daemon.running.address) as slow, trio.open_nursery() as nursery:
+                execute = {"type": "execute", "command": command, "command_id": command_id}
+                await slow.send(TextMessage(data=json.dumps(execute)))
+
+                async def read_1_kb_a_second() -> None:
+                    while await slow.stream.receive_some(1024):
+                        await trio.sleep(1)
+
+                nursery.start_soon(read_1_kb_a_second)
+                async with exec_socket(daemon.ws) as fast:
+                    await fast.send(**execute)
+                    t = await fast.collect()
+                nursery.cancel_scope.cancel()
+    assert t.terminal["exit_code"] == 0
+    t.assert_contiguous()
+    assert len(t.text("stdout")) == 64_000_000

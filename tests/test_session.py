@@ -146,16 +146,55 @@ def test_exit_frame_carries_signal_name_reason_and_usage() -> None:
     assert exit_frame.cpu_seconds == 0.25  # type: ignore[union-attr]
 
 
-def test_output_is_paced_by_the_slowest_client_still_taking_output() -> None:
+def test_output_is_paced_by_the_slowest_client_keeping_up() -> None:
+    # a 1024-byte ring: output runs at most 512 ahead of the slowest pacing client
     s = make()
     s.stdout.append(b"x" * 1000)
     fast = s.attach(100.0, stdout_offset=1000)
     slow = s.attach(100.0, stdout_offset=900)
-    assert s.may_read(Stream.STDOUT, 100.0, 924)  # 100 + 924 fits in 1024
-    assert not s.may_read(Stream.STDOUT, 100.0, 925)
+    assert s.may_read(Stream.STDOUT, 100.0, 412)  # 100 + 412 = 512
+    assert not s.may_read(Stream.STDOUT, 100.0, 413)
     slow.stdout_cursor = 1000
-    assert s.may_read(Stream.STDOUT, 100.0, 1024)
+    assert s.may_read(Stream.STDOUT, 100.0, 512)
     assert fast.stdout_cursor == 1000
+
+
+def test_a_client_far_behind_the_leader_stops_pacing_until_it_catches_up() -> None:
+    # 256 (a quarter of the ring) behind the leading client is the limit
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    s.attach(100.0, stdout_offset=1000)
+    slow = s.attach(100.0, stdout_offset=744)
+    assert s.may_read(Stream.STDOUT, 100.0, 256)  # 256 behind: it still paces
+    assert not s.may_read(Stream.STDOUT, 100.0, 257)
+    slow.stdout_cursor = 743  # one byte further: the fast client alone paces
+    assert s.may_read(Stream.STDOUT, 100.0, 512)
+    slow.stdout_cursor = 800  # caught up again
+    assert not s.may_read(Stream.STDOUT, 100.0, 512)
+
+
+def test_a_client_that_left_keeps_pacing_for_stall_seconds_and_nothing_else() -> None:
+    s = make(idle_timeout_seconds=10)
+    s.stdout.append(b"x" * 1000)
+    gone = s.attach(100.0, stdout_offset=600)
+    assert s.detach(gone, 100.0) == []
+    assert s.attachments == [] and s.idle_since == 100.0  # the idle clock runs
+    assert s.may_read(Stream.STDOUT, 100.0, 112)  # 400 + 112 = 512
+    assert not s.may_read(Stream.STDOUT, 105.0 - EPS, 113)
+    assert s.may_read(Stream.STDOUT, 105.0, 113)
+    assert s.lingering == []
+
+
+def test_clients_of_finished_or_kill_on_disconnect_sessions_do_not_linger() -> None:
+    s = make(kill_on_disconnect=True)
+    s.stdout.append(b"x" * 1000)
+    s.detach(s.attach(100.0), 100.0)
+    finished = make()
+    finished.stdout.append(b"x" * 1000)
+    client = finished.attach(100.0)
+    finished.finish(100.0, ExitStatus(0))
+    finished.detach(client, 100.0)
+    assert s.lingering == [] and finished.lingering == []
 
 
 def test_a_stalled_client_stops_pacing_after_stall_seconds() -> None:

@@ -23,7 +23,7 @@ from sandboxd import __version__
 from sandboxd.config import Config
 from sandboxd.logs import setup_logging
 from sandboxd.notify import Notifier, activated_socket
-from sandboxd.process import become_subreaper
+from sandboxd.process import become_subreaper, limit_malloc_arenas
 from sandboxd.service import Running, make_listen_socket, serve
 from sandboxd.tunnel import PortPolicy
 
@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "commands as this user",
             extra={"listen": config.listen},
         )
+    limit_malloc_arenas()
     if os.getpid() != 1 and not become_subreaper():
         log.warning("cannot become a child subreaper; orphans go to the container's init")
     try:

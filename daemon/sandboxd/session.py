@@ -18,6 +18,8 @@ the supervisor carries out. The rules:
   once, though clients already attached still read it to the end); -1 keeps it forever.
 * A kill asked for while one is already under way changes nothing: the first reason is
   the one reported.
+
+Output is paced by clients (``may_read``): see ``PACE_WINDOW`` and ``LAG_LIMIT``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ from enum import Enum
 
 from sandboxd.messages import Error, Exit
 from sandboxd.ringbuffer import ReadResult, RingBuffer
+
+#: The child's output may run at most ``capacity // PACE_WINDOW`` bytes ahead of the slowest
+#: pacing client. The rest of the ring keeps what was sent to a client but may still have
+#: been in flight (socket buffers, proxies) when its connection dropped, so that client's
+#: reconnect finds it.
+PACE_WINDOW = 2
+#: A client more than ``capacity // LAG_LIMIT`` bytes behind the leading client stops
+#: pacing: a slow consumer never holds back a fast one (it may see a gap instead).
+LAG_LIMIT = 4
 
 
 class SessionState(Enum):
@@ -142,6 +153,7 @@ class Session:
     stall_seconds: float = 5.0
     state: SessionState = SessionState.RUNNING
     attachments: list[Attachment] = field(default_factory=list)
+    lingering: list[Attachment] = field(default_factory=list)
     idle_since: float | None = None
     kill_reason: EndReason | None = None
     status: ExitStatus | None = None
@@ -186,9 +198,19 @@ class Session:
         return attachment
 
     def detach(self, attachment: Attachment, now: float) -> list[Effect]:
-        """A client left (cleanly or not); the last one leaving may end the command."""
+        """A client left (cleanly or not); the last one leaving may end the command.
+
+        While the command runs, the cursor of a client that left keeps pacing for
+        ``stall_seconds`` (it *lingers*): a client cut off by the network reconnects
+        within that time and finds every byte it had not received. It counts for nothing
+        else (not for the idle clock, not for ``kill_on_disconnect``).
+        """
         if attachment in self.attachments:
             self.attachments.remove(attachment)
+            if self.state is SessionState.RUNNING and not self.lifetimes.kill_on_disconnect:
+                attachment.waiting = False
+                attachment.last_progress = now
+                self.lingering.append(attachment)
         if self.attachments:
             return []
         self.idle_since = now
@@ -216,25 +238,35 @@ class Session:
         )
 
     def may_read(self, stream: Stream, now: float, chunk: int) -> bool:
-        """Whether reading ``chunk`` more bytes from the child loses nothing for anyone.
+        """Whether the child's next ``chunk`` bytes of ``stream`` may be read now.
 
-        Output is paced like a pipe by the slowest client that is still taking output:
-        the child is read only while every such client would keep its unread bytes in
-        the ring. A client that has taken nothing for ``stall_seconds`` while output
-        waited for it (gone quiet, or too slow to take a single frame) stops pacing: it
-        may later see a gap, and the others go on. A client parked because it has
-        everything (``waiting``) always paces. With nobody attached, reading never waits.
+        Output is paced like a pipe by the slowest client that is keeping up: the child
+        is read while it is less than ``capacity // PACE_WINDOW`` ahead of every such
+        client. A client keeps up while it takes output (``waiting`` parked with all of
+        it, or progress within ``stall_seconds``) and is no more than
+        ``capacity // LAG_LIMIT`` behind the leading client. A client that went quiet or
+        fell that far behind stops pacing and may later see a gap; it paces again once
+        it catches up. Lingering cursors of clients that left count until they have
+        been gone ``stall_seconds``. With nobody attached or lingering, reading never
+        waits.
         """
-        ring = self.ring(stream)
-        slowest: int | None = None
-        for attachment in self.attachments:
-            ready = attachment.waiting or now - attachment.last_progress < self.stall_seconds
-            if ready:
-                cursor = attachment.cursor(stream)
-                slowest = cursor if slowest is None else min(slowest, cursor)
-        if slowest is None:
+        if self.lingering:
+            self.lingering = [
+                a for a in self.lingering if now - a.last_progress < self.stall_seconds
+            ]
+        cursors = [
+            a.cursor(stream)
+            for clients in (self.attachments, self.lingering)
+            for a in clients
+            if a.waiting or now - a.last_progress < self.stall_seconds
+        ]
+        if not cursors:
             return True
-        return ring.end - slowest + chunk <= ring.capacity
+        ring = self.ring(stream)
+        floor = max(cursors) - ring.capacity // LAG_LIMIT
+        # (A ring too small for PACE_WINDOW still gives a caught-up client a whole chunk.)
+        slowest = min(c for c in cursors if c >= floor)
+        return ring.end - slowest + chunk <= max(ring.capacity // PACE_WINDOW, chunk)
 
     # ---- timers -----------------------------------------------------------------
 

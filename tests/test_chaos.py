@@ -1,0 +1,152 @@
+"""Chaos (issue 6, item 6): a stream of distinct content whose client connection is cut
+at random points, by clean closes and by TCP resets, while the released Python SDK reads
+it; its automatic reconnect must reassemble every byte exactly once.
+
+``make test`` runs a short version; ``make chaos`` the full one (100 MB, 100 cuts), with
+``CHAOS_MB`` and ``CHAOS_CUTS`` in the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import socket
+import struct
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+from langsmith.sandbox import Sandbox, SandboxClient
+
+from tests.sdk.conftest import DaemonProcess, start_daemon, stop_daemon
+
+pytestmark = pytest.mark.sdk
+
+MEGABYTES = int(os.environ.get("CHAOS_MB", "12"))
+CUTS = int(os.environ.get("CHAOS_CUTS", "8"))
+SEED = int(os.environ.get("CHAOS_SEED", str(random.randrange(1 << 32))))
+API = "http://127.0.0.1:9/api/v2/sandboxes"  # never called: control plane only
+KiB = 1024
+
+
+@dataclass
+class CuttingProxy:
+    """A TCP proxy in front of the daemon that cuts each of the first ``cuts``
+    connections after a random number of bytes towards the client."""
+
+    target: tuple[str, int]
+    cuts: int
+    rng: random.Random
+    address: str = ""
+    done: list[tuple[str, int]] = field(default_factory=list)  # (how, after bytes)
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream(*self.target)
+        cut_at: int | None = None
+        how = "close"
+        if len(self.done) < self.cuts:
+            # past the upgrade and a few frames, so each attempt delivers data
+            cut_at = self.rng.randrange(200 * KiB, 2 * 1024 * KiB)
+            how = self.rng.choice(["close", "reset"])
+        cut = False
+        async with trio.open_nursery() as nursery:
+
+            async def to_client() -> None:
+                nonlocal cut
+                sent = 0
+                while data := await upstream.receive_some(64 * KiB):
+                    if cut_at is not None and sent + len(data) >= cut_at:
+                        await client.send_all(data[: cut_at - sent])
+                        cut = True
+                        break
+                    await client.send_all(data)
+                    sent += len(data)
+                nursery.cancel_scope.cancel()
+
+            async def to_upstream() -> None:
+                while data := await client.receive_some(64 * KiB):
+                    await upstream.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(_ends_quietly, to_client)
+            nursery.start_soon(_ends_quietly, to_upstream)
+        if cut:
+            self.done.append((how, cut_at or 0))
+            await _cut(how, client, upstream)
+        else:
+            await _cut("close", client, upstream)
+
+
+async def _ends_quietly(pump: Callable[[], Awaitable[None]]) -> None:
+    """A pump whose other side went away has simply ended."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await pump()
+
+
+async def _cut(how: str, *streams: trio.SocketStream) -> None:
+    """A clean close (FIN) or a reset (RST: linger 0), on both sides."""
+    for stream in streams:
+        if how == "reset":
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await trio.aclose_forcefully(stream)
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    running = start_daemon("--home", "/tmp", "--stop-grace", "1")
+    try:
+        yield running
+    finally:
+        assert stop_daemon(running) == 0
+
+
+def _expected(lines: int) -> tuple[int, str]:
+    out = subprocess.run(["seq", "1", str(lines)], capture_output=True, check=True).stdout
+    return len(out), hashlib.sha256(out).hexdigest()
+
+
+def _read_through_sdk(url: str, command: str) -> tuple[int, str, int | None]:
+    client = SandboxClient(api_key="dummy-api-key", api_endpoint=API, max_retries=0)
+    sandbox = Sandbox.from_dict(
+        {"name": "chaos", "dataplane_url": url}, client=client, auto_delete=False
+    )
+    handle = sandbox.run(command, wait=False, timeout=600)
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in handle:
+        if chunk.stream == "stdout":
+            data = chunk.data.encode()
+            digest.update(data)
+            size += len(data)
+    return size, digest.hexdigest(), handle.result.exit_code
+
+
+async def test_random_cuts_lose_and_duplicate_nothing_through_the_sdk_reconnect(
+    daemon: DaemonProcess,
+) -> None:
+    lines = MEGABYTES * 1_000_000 // 8  # `seq` writes about 8 bytes a line at these sizes
+    size, digest = _expected(lines)
+    host, port = daemon.address.rsplit(":", 1)
+    proxy = CuttingProxy((host, int(port)), CUTS, random.Random(SEED))
+    with trio.fail_after(60 + CUTS * 3 + MEGABYTES):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            got_size, got_digest, code = await trio.to_thread.run_sync(
+                _read_through_sdk, f"http://{proxy.address}", f"seq 1 {lines}"
+            )
+            nursery.cancel_scope.cancel()
+    print(f"seed {SEED}: {size} bytes, {len(proxy.done)} cuts: {proxy.done}")
+    assert len(proxy.done) == CUTS, f"seed {SEED}: the stream ended before every cut"
+    assert {how for how, _ in proxy.done} == {"close", "reset"} or CUTS < 4
+    assert (got_size, got_digest) == (size, digest), f"seed {SEED}"
+    assert code == 0
