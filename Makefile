@@ -8,7 +8,7 @@ TS_DIR := tests/sdk/ts
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench dist venv node tools clean
+.PHONY: run test lint bench soak dist venv node tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ lint: $(STAMP)
 
 test: $(STAMP) $(TS_STAMP) tools lint dist
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The long hardening runs (several minutes): chaos (100 MB cut 100 times under the SDK),
+# soak (10,000 commands), and 2,000 fuzz examples per fuzzer. Numbers are printed.
+soak: $(STAMP) tools
+	CHAOS_MB=100 CHAOS_CUTS=100 SOAK_COMMANDS=10000 FUZZ_EXAMPLES=2000 $(BIN)/pytest -s \
+		-o faulthandler_timeout=1800 tests/test_chaos.py tests/test_soak.py tests/test_fuzz.py
 
 # One self-contained executable for snapshot images (no Python needed on the image):
 # PyInstaller --onefile, glibc from the image. Rebuilt when a daemon source changes.

@@ -22,8 +22,9 @@ import trio
 from sandboxd import __version__
 from sandboxd.config import Config
 from sandboxd.logs import setup_logging
+from sandboxd.memory import limit_malloc_arenas
 from sandboxd.notify import Notifier, activated_socket
-from sandboxd.process import become_subreaper, limit_malloc_arenas
+from sandboxd.process import become_subreaper
 from sandboxd.service import Running, make_listen_socket, serve
 from sandboxd.tunnel import PortPolicy
 

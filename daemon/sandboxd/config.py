@@ -55,8 +55,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         float,
         msgspec.Meta(gt=0),
         _doc(
-            "a client that takes no output for this long stops pacing its command "
-            "(it may later see a gap instead of holding the command and others back)"
+            "a client that takes no output for this long stops pacing its command (it "
+            "may later see a gap instead of holding the command and others back); a "
+            "client that left keeps pacing this long, so a quick reconnect loses nothing"
         ),
     ] = 5.0
     pty_cols: Annotated[int, msgspec.Meta(ge=1, le=65535), _doc("PTY width at start")] = 80

@@ -406,23 +406,6 @@ def become_subreaper() -> bool:
     return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
-_M_ARENA_MAX = -8
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would), False if not glibc.
-
-    glibc gives each thread that allocates its own arena and never gives those back;
-    the worker threads that spawn commands and read files would otherwise leave the
-    daemon's RSS a few MB higher after every burst of work.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:
-        return False
-    return bool(mallopt(_M_ARENA_MAX, arenas) == 1)
-
-
 def tagged_processes(command_ids: set[str]) -> dict[str, list[psutil.Process]]:
     """Processes whose environment carries ``SANDBOXD_COMMAND_ID`` for one of the ids.
 

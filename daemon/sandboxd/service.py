@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from sandboxd import process, wsoptions
+from sandboxd import memory, process, wsoptions
 from sandboxd.config import Config
 from sandboxd.httpserver import serve_http
 from sandboxd.notify import Notifier
@@ -107,6 +107,7 @@ async def serve(
                     server_done.set()
 
             await nursery.start(run_server)
+            nursery.start_soon(memory.keep_trimmed, lambda: supervisor.commands_started)
             log.info("listening", extra={"address": address})
             if notifier is not None:
                 notifier.send("READY=1", f"STATUS=listening on {address}")

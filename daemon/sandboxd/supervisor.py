@@ -253,6 +253,7 @@ class Supervisor:
         self._expired_ids: OrderedDict[str, None] = OrderedDict()
         self._nursery = nursery
         self.shutting_down = False
+        self.commands_started = 0
         self._base_env = process.clean_environment(os.environ)
 
     # ---- lookup and creation ------------------------------------------------------
@@ -315,6 +316,7 @@ class Supervisor:
         live = LiveSession(core, child, msg.command)
         self.reaper.watch(child, live.on_reaped, since=since)
         self.sessions[command_id] = live
+        self.commands_started += 1
         self._expired_ids.pop(command_id, None)
         self._nursery.start_soon(self._supervise, live)
         log.info(

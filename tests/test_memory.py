@@ -1,0 +1,30 @@
+"""glibc heap settings: the arena cap applies, and the heap is trimmed only after work."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from sandboxd import memory
+
+
+def test_arenas_can_be_capped_and_the_heap_trimmed_on_glibc() -> None:
+    assert memory.limit_malloc_arenas(2) is True
+    assert memory.trim_heap() in (True, False)  # whether pages went back depends on the heap
+
+
+async def test_the_heap_is_trimmed_every_interval_only_after_commands_ran(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    trims: list[float] = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(trio.current_time()))
+    started = [0]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(memory.keep_trimmed, lambda: started[0], 10.0)
+        await trio.sleep(25)  # idle: no trim at 10 or 20
+        started[0] = 3
+        await trio.sleep(10)  # trimmed at 30
+        await trio.sleep(20)  # nothing new: none at 40, 50
+        nursery.cancel_scope.cancel()
+    assert trims == [30.0]
