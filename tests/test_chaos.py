@@ -29,6 +29,7 @@ pytestmark = pytest.mark.sdk
 MEGABYTES = int(os.environ.get("CHAOS_MB", "12"))
 CUTS = int(os.environ.get("CHAOS_CUTS", "8"))
 SEED = int(os.environ.get("CHAOS_SEED", str(random.randrange(1 << 32))))
+RING = 4 * 1024 * 1024
 API = "http://127.0.0.1:9/api/v2/sandboxes"  # never called: control plane only
 KiB = 1024
 
@@ -103,7 +104,9 @@ async def _cut(how: str, *streams: trio.SocketStream) -> None:
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    running = start_daemon("--home", "/tmp", "--stop-grace", "1")
+    # A ring smaller than the stream: without pacing for the clients that were cut off,
+    # the 0.5 s each SDK reconnect waits would let the command overwrite what they missed.
+    running = start_daemon("--home", "/tmp", "--stop-grace", "1", "--ring-bytes", str(RING))
     try:
         yield running
     finally:
