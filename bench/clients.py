@@ -135,7 +135,7 @@ async def slow_reader(port: int, frame: dict[str, Any], rate: int, stop: asyncio
 
     It speaks just enough WebSocket to send one masked text frame, ``frame``.
     """
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=rate)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=max(rate, 4096))
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     key = base64.b64encode(os.urandom(16)).decode()
@@ -144,6 +144,8 @@ async def slow_reader(port: int, frame: dict[str, Any], rate: int, stop: asyncio
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
         "Sec-WebSocket-Version: 13\r\n\r\n".encode()
     )
+    head = await reader.readuntil(b"\r\n\r\n")  # RFC 6455: no frame before the 101
+    assert head.startswith(b"HTTP/1.1 101"), head
     payload = _encode(frame)
     mask = os.urandom(4)
     assert len(payload) < 65536

@@ -34,6 +34,8 @@ def test_every_workload_runs_and_verifies_in_quick_mode() -> None:
         "RSS per finished session",
         "RSS per running session",
         "replay 8 MiB: complete",
+        "fast client, 1 KB/s client on the same command",
+        "fast client, 1 KB/s client on the other command",
     ):
         assert workload in table, table
     if shutil.which("websocketd"):

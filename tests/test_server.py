@@ -4,11 +4,13 @@ guarantees about slow clients and bounded memory."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from typing import Any
 
 import psutil
+import pytest
 import trio
 
 from tests.helpers import Daemon, exec_socket, run_command, running_daemon
@@ -236,7 +238,9 @@ async def test_many_commands_run_concurrently_with_exact_results(daemon: Daemon)
         assert t.text("stdout") == f"{i}\n" and t.terminal["exit_code"] == i % 256
 
 
-async def test_a_connection_that_breaks_http_is_closed_alone(daemon: Daemon) -> None:
+async def test_a_connection_that_breaks_http_is_closed_alone(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
     host, port = daemon.running.address.rsplit(":", 1)
     command_id = uuid.uuid4().hex
     with trio.fail_after(10):
@@ -258,6 +262,7 @@ async def test_a_connection_that_breaks_http_is_closed_alone(daemon: Daemon) -> 
             t = await bystander.collect()
         status, _ = await http_get(daemon, "/healthz")
     assert t.text("stdout") == "unharmed\n" and status == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_client_reading_1_kb_a_second_does_not_hold_back_a_fast_one() -> None:

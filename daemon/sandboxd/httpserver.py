@@ -19,6 +19,7 @@ import math
 import socket
 from functools import partial
 
+import h11
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
@@ -42,6 +43,14 @@ class _TCPServer(TCPServer):
     async def _read_data(self) -> None:
         await super()._read_data()
         await self.idle_task.stop()
+
+
+def _client_broke_http(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every exception in its group) is h11 giving up on what the
+    client sent, e.g. WebSocket data before the 101 (RFC 6455 forbids it)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_broke_http(e) for e in exc.exceptions)
+    return isinstance(exc, h11.ProtocolError)
 
 
 def _refusal(max_connections: int) -> bytes:
@@ -87,8 +96,11 @@ async def serve_http(
         open_connections += 1
         try:
             await _TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
-        except Exception:
-            log.exception("connection failed; closed it")
+        except Exception as exc:
+            if _client_broke_http(exc):
+                log.info("client broke HTTP; connection closed", extra={"error": repr(exc)})
+            else:
+                log.exception("connection failed; closed it")
             await trio.aclose_forcefully(stream)
         finally:
             open_connections -= 1

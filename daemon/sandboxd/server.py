@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 
+import h11
 import trio
 
 from sandboxd import __version__, files, search
@@ -116,7 +117,13 @@ class App:
                 send, 503, ServerShuttingDown.error_type, "sandboxd is shutting down", retry=1
             )
             return
-        await send({"type": "websocket.accept"})
+        try:
+            await send({"type": "websocket.accept"})
+        except h11.LocalProtocolError as exc:
+            # The client sent more after its upgrade request before the 101 (RFC 6455
+            # forbids it); hypercorn's HTTP layer has given up on the connection.
+            log.info("upgrade abandoned", extra={"peer": _peer(scope), "error": str(exc)})
+            return
         if path == "/tunnel":
             try:
                 await serve_tunnel(receive, send, self.tunnel_policy)
