@@ -18,12 +18,28 @@ MiB = 1024 * KiB
 
 async def test_an_oversized_json_body_gets_413_with_a_detail_body() -> None:
     async with running_daemon() as daemon:
+        address = daemon.running.address
         with trio.fail_after(10):
-            body = json.dumps({"pattern": "x" * (2 * MiB), "path": "/"}).encode()
-            response = await http_request(daemon.running.address, "POST", "/glob", body)
+            host, port = address.rsplit(":", 1)
+            declared = await trio.open_tcp_stream(host, int(port))  # refused before its body
+            async with declared:
+                await declared.send_all(
+                    b"POST /glob HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 2097152\r\n\r\n"
+                )
+                raw = b""
+                while chunk := await declared.receive_some(65536):
+                    raw += chunk
+            body = json.dumps({"pattern": "x" * MiB, "path": "/"}).encode()  # just over 1 MiB
+            chunked = await http_request(
+                address, "POST", "/glob", body, {"transfer-encoding": "chunked"}
+            )
             after = await run_command(daemon.ws, "echo still here")
-    assert response.status == 413
-    assert response.json()["detail"]["error"] == "PayloadTooLarge"
+    head, _, detail = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(detail)["detail"]["error"] == "PayloadTooLarge"
+    assert chunked.status == 413
+    assert chunked.json()["detail"]["error"] == "PayloadTooLarge"
     assert after.text("stdout") == "still here\n"
 
 

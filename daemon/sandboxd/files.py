@@ -39,6 +39,7 @@ from sandboxd.httpio import (
     error_body,
     header,
     query_param,
+    refuse_declared_over,
     respond,
     respond_json,
 )
@@ -167,9 +168,7 @@ async def upload(scope: Scope, receive: Receive, send: Send, home: str, max_byte
     """
     target = resolve_path(query_param(scope, "path"), home)
     limit = max_bytes or math.inf
-    declared = header(scope, "content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"upload body of {declared} bytes is over {max_bytes}")
+    refuse_declared_over(scope, limit)
     mime, options = parse_options_header(header(scope, "content-type") or "")
     boundary = options.get(b"boundary")
     if mime != b"multipart/form-data" or not boundary:

@@ -74,8 +74,17 @@ async def read_body(receive: Receive, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def read_json(receive: Receive, kind: type[T]) -> T:
+def refuse_declared_over(scope: Scope, limit: float) -> None:
+    """``PayloadTooLarge`` at once when the request's Content-Length is over ``limit``
+    (nothing of the body is read: the client gets its 413 while still sending)."""
+    declared = header(scope, "content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over {limit:.0f}")
+
+
+async def read_json(scope: Scope, receive: Receive, kind: type[T]) -> T:
     """The request body decoded as ``kind``; ``InvalidRequest`` says what is wrong."""
+    refuse_declared_over(scope, JSON_BODY_LIMIT)
     body = await read_body(receive, JSON_BODY_LIMIT)
     try:
         return msgspec.json.decode(body, type=kind)

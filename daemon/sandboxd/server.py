@@ -231,12 +231,12 @@ class App:
         await files.download(scope, send, self.home, head=scope["method"] == "HEAD")
 
     async def _glob(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = await read_json(receive, search.GlobRequest)
+        request = await read_json(scope, receive, search.GlobRequest)
         result = await search.glob(request, self.config.search_deadline_seconds)
         await respond_json(send, 200, result)
 
     async def _grep(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = await read_json(receive, search.GrepRequest)
+        request = await read_json(scope, receive, search.GrepRequest)
         result = await search.grep(request, self.config.search_deadline_seconds)
         await respond_json(send, 200, result)
 

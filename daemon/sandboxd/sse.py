@@ -88,7 +88,7 @@ class SseEndpoints:
 
     async def start(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /execute/stream/start``: get-or-create, then stream from offset 0."""
-        body = await read_json(receive, StreamStart)
+        body = await read_json(scope, receive, StreamStart)
         request = Execute(
             command=body.command,
             command_id=body.command_id,
@@ -106,7 +106,7 @@ class SseEndpoints:
 
     async def resume(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /execute/stream/resume``: continue from the client's offsets."""
-        body = await read_json(receive, StreamResume)
+        body = await read_json(scope, receive, StreamResume)
         live = self._supervisor.lookup(body.command_id)
         await self._respond(receive, send, live, body.stdout_offset, body.stderr_offset)
 
@@ -181,7 +181,7 @@ class SseEndpoints:
 
     async def execute(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /execute``: run to the end and answer ``{stdout, stderr, exit_code}``."""
-        body = await read_json(receive, BlockingExecute)
+        body = await read_json(scope, receive, BlockingExecute)
         request = Execute(
             command=body.command,
             command_id=uuid.uuid4().hex,
