@@ -185,6 +185,13 @@ def test_a_client_that_left_keeps_pacing_for_stall_seconds_and_nothing_else() ->
     assert s.lingering == []
 
 
+def test_clients_that_come_and_go_on_a_silent_command_do_not_pile_up() -> None:
+    s = make()
+    for second in range(100):
+        s.detach(s.attach(float(second)), float(second))
+    assert len(s.lingering) == 5  # those gone less than stall_seconds (5 s)
+
+
 def test_clients_of_finished_or_kill_on_disconnect_sessions_do_not_linger() -> None:
     s = make(kill_on_disconnect=True)
     s.stdout.append(b"x" * 1000)

@@ -175,6 +175,7 @@ class Session:
     def finish(self, now: float, status: ExitStatus) -> list[Effect]:
         """The leader was reaped and the output drained: the session is finished."""
         self._move("finish")
+        self.lingering.clear()  # no more output to pace
         self.status = status
         self.ended_at = now
         killed_by_us = self.kill_reason is not None and status.signal is not None
@@ -210,6 +211,7 @@ class Session:
             if self.state is SessionState.RUNNING and not self.lifetimes.kill_on_disconnect:
                 attachment.waiting = False
                 attachment.last_progress = now
+                self._forget_lingering(now)
                 self.lingering.append(attachment)
         if self.attachments:
             return []
@@ -217,6 +219,12 @@ class Session:
         if self.lifetimes.kill_on_disconnect:
             return self.request_kill(EndReason.DISCONNECT)
         return []
+
+    def _forget_lingering(self, now: float) -> None:
+        """Drop the cursors of clients gone ``stall_seconds`` or more."""
+        if self.lingering:
+            stall = self.stall_seconds
+            self.lingering = [a for a in self.lingering if now - a.last_progress < stall]
 
     def ring(self, stream: Stream) -> RingBuffer:
         """The output ring of ``stream``."""
@@ -250,10 +258,7 @@ class Session:
         been gone ``stall_seconds``. With nobody attached or lingering, reading never
         waits.
         """
-        if self.lingering:
-            self.lingering = [
-                a for a in self.lingering if now - a.last_progress < self.stall_seconds
-            ]
+        self._forget_lingering(now)
         cursors = [
             a.cursor(stream)
             for clients in (self.attachments, self.lingering)
