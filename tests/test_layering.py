@@ -10,7 +10,17 @@ import sys
 import pytest
 
 PACKAGE = pathlib.Path(__file__).parent.parent / "daemon" / "sandboxd"
-CORE = ["errors", "config", "messages", "ringbuffer", "utf8", "session", "paths", "yamux"]
+CORE = [
+    "errors",
+    "config",
+    "messages",
+    "ringbuffer",
+    "utf8",
+    "session",
+    "paths",
+    "yamux",
+    "expired",
+]
 ALLOWED_THIRD_PARTY = {"msgspec"}
 
 

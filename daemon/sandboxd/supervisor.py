@@ -16,7 +16,6 @@ import os
 import signal
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import psutil
@@ -25,6 +24,7 @@ import trio
 from sandboxd import process
 from sandboxd.config import CHUNK_BYTES, Config
 from sandboxd.errors import CommandNotFound, ServerShuttingDown, SessionExpired, TooManySessions
+from sandboxd.expired import ExpiredIds
 from sandboxd.messages import Execute, validate_execute
 from sandboxd.ringbuffer import BufferPool, ReadResult
 from sandboxd.session import (
@@ -250,7 +250,7 @@ class Supervisor:
         self.pool = BufferPool(config.buffer_cap_bytes)
         self.sessions: dict[str, LiveSession] = {}
         self._starting: dict[str, trio.Event] = {}
-        self._expired_ids: OrderedDict[str, None] = OrderedDict()
+        self._expired_ids = ExpiredIds(EXPIRED_IDS_KEPT)
         self._nursery = nursery
         self.shutting_down = False
         self.commands_started = 0
@@ -317,7 +317,7 @@ class Supervisor:
         self.reaper.watch(child, live.on_reaped, since=since)
         self.sessions[command_id] = live
         self.commands_started += 1
-        self._expired_ids.pop(command_id, None)
+        self._expired_ids.discard(command_id)
         self._nursery.start_soon(self._supervise, live)
         log.info(
             "command started",
@@ -417,7 +417,7 @@ class Supervisor:
             if self.sessions.get(live.command_id) is live:
                 del self.sessions[live.command_id]
                 if live.core.state is SessionState.EXPIRED:
-                    self._remember_expired(live.command_id)
+                    self._expired_ids.add(live.command_id)
             self.pool.release(live.core.stdout)
             self.pool.release(live.core.stderr)
             if live.status is None:  # cancelled while running (daemon stopping)
@@ -433,11 +433,6 @@ class Supervisor:
             self.apply(live, live.core.on_timer(trio.current_time()))
             if live.core.state is SessionState.EXPIRED:
                 return
-
-    def _remember_expired(self, command_id: str) -> None:
-        self._expired_ids[command_id] = None
-        while len(self._expired_ids) > EXPIRED_IDS_KEPT:
-            self._expired_ids.popitem(last=False)
 
     # ---- shutdown ---------------------------------------------------------------------
 
