@@ -95,7 +95,7 @@ def daemon(echo: EchoServer) -> Iterator[DaemonProcess]:
     finally:
         assert stop_daemon(running) == 0
         errors = [e for e in running.logs if e.get("level") in ("error", "critical")]
-        assert errors == [], errors[:3]
+        assert errors == [], [e.get("exc", e) for e in errors[:3]]
 
 
 class Bystander(threading.Thread):

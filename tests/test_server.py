@@ -301,3 +301,16 @@ async def test_a_client_reading_1_kb_a_second_does_not_hold_back_a_fast_one() ->
     assert t.terminal["exit_code"] == 0
     t.assert_contiguous()
     assert len(t.text("stdout")) == 64_000_000
+
+
+def test_parser_errors_from_what_a_client_sent_are_told_apart_from_our_own() -> None:
+    import h11
+    import wsproto.utilities
+
+    from sandboxd.httpserver import client_broke_protocol
+
+    data_after_close = wsproto.utilities.LocalProtocolError("Connection already closed.")
+    assert client_broke_protocol(data_after_close)
+    assert client_broke_protocol(ExceptionGroup("x", [h11.RemoteProtocolError("bad")]))
+    assert not client_broke_protocol(ExceptionGroup("x", [data_after_close, KeyError("ours")]))
+    assert not client_broke_protocol(RuntimeError("a bug of ours"))

@@ -21,6 +21,7 @@ from functools import partial
 
 import h11
 import trio
+import wsproto.utilities
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.tcp_server import TCPServer
@@ -45,12 +46,13 @@ class _TCPServer(TCPServer):
         await self.idle_task.stop()
 
 
-def _client_broke_http(exc: BaseException) -> bool:
-    """Whether ``exc`` (or every exception in its group) is h11 giving up on what the
-    client sent, e.g. WebSocket data before the 101 (RFC 6455 forbids it)."""
+def client_broke_protocol(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every exception in its group) is h11 or wsproto giving up on
+    what the client sent: WebSocket data before the 101, or after the connection's close
+    (RFC 6455 forbids both; hypercorn lets the parser's error escape)."""
     if isinstance(exc, BaseExceptionGroup):
-        return all(_client_broke_http(e) for e in exc.exceptions)
-    return isinstance(exc, h11.ProtocolError)
+        return all(client_broke_protocol(e) for e in exc.exceptions)
+    return isinstance(exc, h11.ProtocolError | wsproto.utilities.ProtocolError)
 
 
 def _refusal(max_connections: int) -> bytes:
@@ -97,8 +99,8 @@ async def serve_http(
         try:
             await _TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
         except Exception as exc:
-            if _client_broke_http(exc):
-                log.info("client broke HTTP; connection closed", extra={"error": repr(exc)})
+            if client_broke_protocol(exc):
+                log.info("client broke the protocol; closed", extra={"error": repr(exc)})
             else:
                 log.exception("connection failed; closed it")
             await trio.aclose_forcefully(stream)
