@@ -4,9 +4,11 @@ fragments, connections, sessions, and the time a request head may take."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
+import pytest
 import trio
 from wsproto.events import BytesMessage, TextMessage
 
@@ -90,6 +92,24 @@ async def test_an_oversized_websocket_message_closes_1009_and_others_carry_on() 
                 t = await bystander.collect()
     assert (whole, fragments, binary) == (1009, 1009, 1009)
     assert t.text("stdout") == "got on\n"
+
+
+async def test_a_binary_frame_after_an_oversized_text_one_is_no_daemon_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found by test_fuzz.py: hypercorn keeps parsing after it sent 1009, and wrote the
+    # next (binary) message into the oversized text message's buffer: a TypeError.
+    async with running_daemon(ws_max_message_bytes=64 * KiB) as daemon:
+        with trio.fail_after(10):
+            async with raw_ws(daemon.running.address) as ws:
+                await ws.send(TextMessage(data="x" * (65 * KiB)))
+                await trio.sleep(0.1)  # the next message in a read of its own
+                await ws.send(BytesMessage(data=b"z"))
+                code = await ws.wait_closed()
+            after = await run_command(daemon.ws, "echo fine")
+    assert code == 1009
+    assert after.text("stdout") == "fine\n"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_connections_over_the_cap_get_a_503_and_are_closed() -> None:

@@ -80,6 +80,7 @@ async def serve(
     last output and exit, and closes what is still open with 1001.
     """
     wsoptions.set_compression(config.ws_compression)
+    wsoptions.harden_message_buffer()
     process.close_inherited_fds_on_exec()
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
