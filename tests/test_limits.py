@@ -3,6 +3,7 @@ fragments, connections, sessions, and the time a request head may take."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,22 @@ async def test_an_oversized_json_body_gets_413_with_a_detail_body() -> None:
     assert chunked.status == 413
     assert chunked.json()["detail"]["error"] == "PayloadTooLarge"
     assert after.text("stdout") == "still here\n"
+
+
+async def test_a_request_head_that_never_ends_gets_431() -> None:
+    async with running_daemon() as daemon:
+        host, port = daemon.running.address.rsplit(":", 1)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+                raw = b""
+                with contextlib.suppress(trio.BrokenResourceError):  # a reset after the 431
+                    while not raw:
+                        await stream.send_all(b"p" * 16 * KiB)
+                        with trio.move_on_after(0.05):
+                            raw = await stream.receive_some(65536)
+    assert raw.startswith(b"HTTP/1.1 431")
 
 
 async def test_an_upload_over_the_cap_is_refused_and_leaves_the_old_file(tmp_path: Path) -> None:
