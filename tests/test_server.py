@@ -113,11 +113,20 @@ async def test_a_signal_death_is_reported_with_its_name(daemon: Daemon) -> None:
 
 
 async def test_the_exit_frame_reports_cpu_time_and_a_real_peak_rss() -> None:
-    # A daemon process of its own: peak RSS is reported only above the daemon's own peak
-    # (see process.py), and in-process that would be this test run's peak.
+    # A daemon process of its own (peak RSS is reported only above the daemon's own peak,
+    # and in-process that would be this test run's), exec'd by a launcher that peaked at
+    # 400 MB first: the daemon's ru_maxrss keeps that peak across exec, its own memory
+    # high-water mark does not.
+    import sys
+
     from tests.sdk.conftest import start_daemon, stop_daemon
 
-    daemon = start_daemon("--stop-grace", "1")
+    big_launcher = [
+        sys.executable,
+        "-c",
+        "import os, sys; x = bytearray(400 << 20); del x; os.execv(sys.argv[1], sys.argv[1:])",
+    ]
+    daemon = start_daemon("--stop-grace", "1", launcher=big_launcher)
     try:
         with trio.fail_after(20):
             t = await run_command(

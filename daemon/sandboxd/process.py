@@ -85,7 +85,24 @@ class Child:
     spawner_peak_kib: int = 0  # the daemon's own peak RSS when it spawned this child
 
     def __post_init__(self) -> None:
-        self.spawner_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.spawner_peak_kib = own_peak_rss_kib()
+
+
+def own_peak_rss_kib() -> int:
+    """The daemon's peak RSS in KiB: ``VmHWM``, the high-water mark of its own memory.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: that one keeps, across exec, the peak of
+    whatever process spawned the daemon (a test runner, say), which is not what a
+    vfork-spawned command inherits from the daemon.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def clean_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
