@@ -9,9 +9,9 @@ import trio.testing
 from sandboxd import memory
 
 
-def test_arenas_can_be_capped_and_the_heap_trimmed_on_glibc() -> None:
+def test_the_arena_cap_is_accepted_by_glibc() -> None:
+    # (What trimming gives back is measured by test_soak.py's RSS check.)
     assert memory.limit_malloc_arenas(2) is True
-    assert memory.trim_heap() in (True, False)  # whether pages went back depends on the heap
 
 
 async def test_the_heap_is_trimmed_every_interval_only_after_commands_ran(
