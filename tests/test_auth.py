@@ -155,22 +155,12 @@ def test_the_token_stays_out_of_cmdline_logs_and_commands() -> None:
 
 @pytest.mark.sdk
 def test_the_python_sdk_authenticates_with_its_api_key() -> None:
-    from langsmith.sandbox import Sandbox, SandboxClient, SandboxConnectionError
+    os.environ.setdefault("LANGSMITH_SANDBOX_WS_TIMEOUT_CONNECT_BUDGET", "3")  # before import
+    from langsmith.sandbox import SandboxConnectionError
 
-    from tests.sdk.conftest import start_daemon, stop_daemon
+    from tests.sdk.conftest import daemon_process, sdk_sandbox
 
-    os.environ.setdefault("LANGSMITH_SANDBOX_WS_TIMEOUT_CONNECT_BUDGET", "3")
-    daemon = start_daemon("--token", TOKEN)
-    try:
-
-        def sandbox(key: str) -> Sandbox:
-            client = SandboxClient(api_key=key, api_endpoint="http://127.0.0.1:9/x", max_retries=0)
-            return Sandbox.from_dict(
-                {"name": "local", "dataplane_url": daemon.url}, client=client, auto_delete=False
-            )
-
-        assert sandbox(TOKEN).run("echo authed", timeout=10).stdout == "authed\n"
+    with daemon_process("--token", TOKEN) as daemon:
+        assert sdk_sandbox(daemon.url, TOKEN).run("echo authed", timeout=10).stdout == "authed\n"
         with pytest.raises(SandboxConnectionError):
-            sandbox("wrong-key").run("echo no", timeout=10)
-    finally:
-        assert stop_daemon(daemon) == 0
+            sdk_sandbox(daemon.url, "wrong-key").run("echo no", timeout=10)

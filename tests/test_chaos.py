@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
-from langsmith.sandbox import Sandbox, SandboxClient
 
-from tests.sdk.conftest import DaemonProcess, start_daemon, stop_daemon
+from tests.sdk.conftest import DaemonProcess, daemon_process, sdk_sandbox
 
 pytestmark = pytest.mark.sdk
 
@@ -30,7 +29,6 @@ MEGABYTES = int(os.environ.get("CHAOS_MB", "12"))
 CUTS = int(os.environ.get("CHAOS_CUTS", "8"))
 SEED = int(os.environ.get("CHAOS_SEED", str(random.randrange(1 << 32))))
 RING = 4 * 1024 * 1024
-API = "http://127.0.0.1:9/api/v2/sandboxes"  # never called: control plane only
 KiB = 1024
 
 
@@ -106,11 +104,10 @@ async def _cut(how: str, *streams: trio.SocketStream) -> None:
 def daemon() -> Iterator[DaemonProcess]:
     # A ring smaller than the stream: without pacing for the clients that were cut off,
     # the 0.5 s each SDK reconnect waits would let the command overwrite what they missed.
-    running = start_daemon("--home", "/tmp", "--stop-grace", "1", "--ring-bytes", str(RING))
-    try:
+    with daemon_process(
+        "--home", "/tmp", "--stop-grace", "1", "--ring-bytes", str(RING)
+    ) as running:
         yield running
-    finally:
-        assert stop_daemon(running) == 0
 
 
 def _expected(lines: int) -> tuple[int, str]:
@@ -119,11 +116,7 @@ def _expected(lines: int) -> tuple[int, str]:
 
 
 def _read_through_sdk(url: str, command: str) -> tuple[int, str, int | None]:
-    client = SandboxClient(api_key="dummy-api-key", api_endpoint=API, max_retries=0)
-    sandbox = Sandbox.from_dict(
-        {"name": "chaos", "dataplane_url": url}, client=client, auto_delete=False
-    )
-    handle = sandbox.run(command, wait=False, timeout=600)
+    handle = sdk_sandbox(url).run(command, wait=False, timeout=600)
     digest = hashlib.sha256()
     size = 0
     for chunk in handle:

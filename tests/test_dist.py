@@ -14,9 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from langsmith.sandbox import Sandbox, SandboxClient
 
-from tests.sdk.conftest import DaemonProcess, start_daemon
+from tests.sdk.conftest import DaemonProcess, sdk_sandbox, start_daemon
 
 DIST = Path(__file__).resolve().parents[1] / "dist" / "sandboxd"
 UNSHARE = shutil.which("unshare")
@@ -36,7 +35,6 @@ C_RUNTIME = (
     "libz.so",
 )
 TOOLS = ["bash", "cat", "echo", "ls", "sleep", "head", "env", "id", "setsid", "sha256sum"]
-API = "http://127.0.0.1:9/api/v2/sandboxes"  # never called: control plane only
 
 pytestmark = pytest.mark.skipif(
     UNSHARE is None or os.geteuid() != 0, reason="needs root and unshare (CI has both)"
@@ -85,17 +83,12 @@ def image(tmp_path: Path) -> Path:
 def pid1(image: Path) -> Iterator[DaemonProcess]:
     """The artifact as PID 1 of a new PID namespace, chrooted into ``image``."""
     enter = (
-        'mount -t proc proc "$ROOT/proc" && mount --rbind /dev "$ROOT/dev" && '
-        'exec chroot "$ROOT" /usr/local/bin/sandboxd "$@"'
+        'root=$1; shift; mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" && '
+        'exec chroot "$root" /usr/local/bin/sandboxd "$@"'
     )
     launcher = [UNSHARE or "unshare", "--pid", "--fork", "--mount", "--propagation", "private"]
-    os.environ["ROOT"] = str(image)
-    try:
-        daemon = start_daemon(
-            "--stop-grace", "1", launcher=launcher, program=["sh", "-c", enter, "sh"]
-        )
-    finally:
-        del os.environ["ROOT"]
+    program = ["sh", "-c", enter, "sh", str(image)]
+    daemon = start_daemon("--stop-grace", "1", launcher=launcher, program=program)
     try:
         yield daemon
     finally:
@@ -111,12 +104,7 @@ def test_the_artifact_runs_as_pid_1_without_python_and_serves_the_sdk(
 ) -> None:
     (init,) = psutil.Process(pid1.process.pid).children()
     assert Path(init.exe()) == image / "usr/local/bin/sandboxd"
-    client = SandboxClient(api_key="dummy-api-key", api_endpoint=API, max_retries=0)
-    sandbox = Sandbox.from_dict(
-        {"name": "image", "dataplane_url": pid1.url}, client=client, auto_delete=False
-    )
-
-    result = sandbox.run(
+    result = sdk_sandbox(pid1.url).run(
         "echo pid1=$(cat /proc/1/comm); command -v python3 python || echo no python; "
         "for i in 1 2 3; do setsid sleep 0.2 & done; echo done >&2",
         timeout=30,

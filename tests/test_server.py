@@ -119,23 +119,20 @@ async def test_the_exit_frame_reports_cpu_time_and_a_real_peak_rss() -> None:
     # high-water mark does not.
     import sys
 
-    from tests.sdk.conftest import start_daemon, stop_daemon
+    from tests.sdk.conftest import daemon_process
 
     big_launcher = [
         sys.executable,
         "-c",
         "import os, sys; x = bytearray(400 << 20); del x; os.execv(sys.argv[1], sys.argv[1:])",
     ]
-    daemon = start_daemon("--stop-grace", "1", launcher=big_launcher)
-    try:
+    with daemon_process("--stop-grace", "1", launcher=big_launcher) as daemon:
         with trio.fail_after(20):
             t = await run_command(
                 f"ws://{daemon.address}/execute/ws",
                 'python3 -c "x = bytearray(300 * 1024 * 1024); import time; '
                 't = time.process_time()\nwhile time.process_time() - t < 0.3: pass"',
             )
-    finally:
-        assert stop_daemon(daemon) == 0
     assert t.terminal["exit_code"] == 0
     assert t.terminal["peak_rss_bytes"] >= 300 * 1024 * 1024
     assert 0.3 <= t.terminal["cpu_seconds"] < 5

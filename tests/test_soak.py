@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from tests.helpers import exec_socket, http_request
-from tests.sdk.conftest import DaemonProcess, start_daemon, stop_daemon
+from tests.sdk.conftest import DaemonProcess, daemon_process
 
 COMMANDS = int(os.environ.get("SOAK_COMMANDS", "600"))
 WARM_UP = 300
@@ -31,11 +31,8 @@ KINDS = ["run", "run", "pty", "drop", "drop_kill_on_disconnect", "kill", "timeou
 
 @pytest.fixture
 def daemon() -> Iterator[DaemonProcess]:
-    running = start_daemon("--home", "/tmp", "--stop-grace", "1")
-    try:
+    with daemon_process("--home", "/tmp", "--stop-grace", "1") as running:
         yield running
-    finally:
-        assert stop_daemon(running) == 0
 
 
 async def one_command(ws_url: str, kind: str, rng: random.Random) -> str:

@@ -13,11 +13,19 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from langsmith.sandbox import AsyncSandbox, Sandbox
+
 os.environ.setdefault("LANGSMITH_SANDBOX_WS_TIMEOUT_CONNECT_BUDGET", "3")
+
+#: The SDK clients want a control-plane URL; nothing here ever calls it.
+API = "http://127.0.0.1:9/api/v2/sandboxes"
 
 
 @dataclass
@@ -82,13 +90,43 @@ def stop_daemon(daemon: DaemonProcess) -> int:
     return code
 
 
-@pytest.fixture(scope="module")
-def sandboxd() -> Iterator[DaemonProcess]:
-    """One daemon per test module."""
-    daemon = start_daemon("--home", "/tmp", "--stop-grace", "1")
+@contextmanager
+def daemon_process(
+    *args: str, launcher: Sequence[str] = (), program: Sequence[str] = PYTHON_PROGRAM
+) -> Iterator[DaemonProcess]:
+    """``start_daemon`` for a ``with`` block; leaving it stops the daemon, which must exit
+    0 having logged no error."""
+    daemon = start_daemon(*args, launcher=launcher, program=program)
     try:
         yield daemon
     finally:
         assert stop_daemon(daemon) == 0
         errors = [e for e in daemon.logs if e.get("level") in ("error", "critical")]
-        assert errors == [], errors
+        assert errors == [], [e.get("exc", e) for e in errors[:3]]
+
+
+def sdk_sandbox(url: str, api_key: str = "dummy-api-key") -> Sandbox:
+    """The released Python SDK's ``Sandbox`` on the daemon at ``url``."""
+    from langsmith.sandbox import Sandbox, SandboxClient
+
+    client = SandboxClient(api_key=api_key, api_endpoint=API, max_retries=0)
+    return Sandbox.from_dict(
+        {"name": "local", "dataplane_url": url}, client=client, auto_delete=False
+    )
+
+
+def async_sdk_sandbox(url: str) -> AsyncSandbox:
+    """The same with the SDK's async client."""
+    from langsmith.sandbox import AsyncSandbox, AsyncSandboxClient
+
+    client = AsyncSandboxClient(api_key="dummy-api-key", api_endpoint=API, max_retries=0)
+    return AsyncSandbox.from_dict(
+        {"name": "local", "dataplane_url": url}, client=client, auto_delete=False
+    )
+
+
+@pytest.fixture(scope="module")
+def sandboxd() -> Iterator[DaemonProcess]:
+    """One daemon per test module."""
+    with daemon_process("--home", "/tmp", "--stop-grace", "1") as daemon:
+        yield daemon

@@ -13,38 +13,22 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 
 import pytest
 from langsmith.sandbox import (
-    AsyncSandbox,
-    AsyncSandboxClient,
     CommandTimeoutError,
     Sandbox,
-    SandboxClient,
     SandboxOperationError,
 )
 
-from tests.sdk.conftest import DaemonProcess
+from tests.sdk.conftest import API, DaemonProcess, async_sdk_sandbox, sdk_sandbox
 
 pytestmark = pytest.mark.sdk
 
-API = "http://127.0.0.1:9/api/v2/sandboxes"  # never called: control plane only
-
 
 @pytest.fixture
-def sandbox(sandboxd: DaemonProcess) -> Iterator[Sandbox]:
-    client = SandboxClient(api_key="dummy-api-key", api_endpoint=API, max_retries=0)
-    yield Sandbox.from_dict(
-        {"name": "local", "dataplane_url": sandboxd.url}, client=client, auto_delete=False
-    )
-
-
-def async_sandbox(url: str) -> AsyncSandbox:
-    client = AsyncSandboxClient(api_key="dummy-api-key", api_endpoint=API, max_retries=0)
-    return AsyncSandbox.from_dict(
-        {"name": "local", "dataplane_url": url}, client=client, auto_delete=False
-    )
+def sandbox(sandboxd: DaemonProcess) -> Sandbox:
+    return sdk_sandbox(sandboxd.url)
 
 
 def test_run_returns_stdout_stderr_and_exit_code(sandbox: Sandbox) -> None:
@@ -209,7 +193,7 @@ def test_spawn_failure_raises_without_retrying(sandbox: Sandbox) -> None:
 
 def test_async_client_runs_streams_kills_and_reconnects(sandboxd: DaemonProcess) -> None:
     async def scenario() -> None:
-        sb = async_sandbox(sandboxd.url)
+        sb = async_sdk_sandbox(sandboxd.url)
         result = await sb.run("echo async; exit 2", timeout=10)
         assert (result.stdout, result.exit_code) == ("async\n", 2)
 

@@ -14,33 +14,26 @@ import pytest
 from langsmith.sandbox import (
     ResourceNotFoundError,
     Sandbox,
-    SandboxClient,
     SandboxOperationError,
 )
 
-from tests.sdk.conftest import DaemonProcess, start_daemon, stop_daemon
+from tests.sdk.conftest import DaemonProcess, daemon_process, sdk_sandbox
 
 pytestmark = pytest.mark.sdk
-
-API = "http://127.0.0.1:9/api/v2/sandboxes"
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     home = tmp_path_factory.mktemp("home")
-    proc = start_daemon("--home", str(home), "--sse-ack-bytes", "65536", "--stop-grace", "1")
-    try:
+    with daemon_process(
+        "--home", str(home), "--sse-ack-bytes", "65536", "--stop-grace", "1"
+    ) as proc:
         yield proc
-    finally:
-        assert stop_daemon(proc) == 0
 
 
 @pytest.fixture
 def sb(daemon: DaemonProcess) -> Sandbox:
-    client = SandboxClient(api_key="dummy-api-key", api_endpoint=API, max_retries=0)
-    return Sandbox.from_dict(
-        {"name": "local", "dataplane_url": daemon.url}, client=client, auto_delete=False
-    )
+    return sdk_sandbox(daemon.url)
 
 
 def test_write_read_stat_and_ranges(sb: Sandbox, tmp_path: pathlib.Path) -> None:
