@@ -86,6 +86,7 @@ async def serve_http(
 
     open_connections = 0
     last_warning = -math.inf
+    refusal = _refusal(max_connections)
 
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal open_connections, last_warning
@@ -93,7 +94,7 @@ async def serve_http(
             if trio.current_time() - last_warning >= 1.0:  # one line a second in a flood
                 last_warning = trio.current_time()
                 log.warning("connections refused: too many open", extra={"max": max_connections})
-            await _refuse(stream, max_connections)
+            await _refuse(stream, refusal)
             return
         open_connections += 1
         try:
@@ -119,8 +120,8 @@ async def serve_http(
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
 
-async def _refuse(stream: trio.SocketStream, max_connections: int) -> None:
+async def _refuse(stream: trio.SocketStream, refusal: bytes) -> None:
     with trio.move_on_after(REFUSAL_SECONDS):
         with contextlib.suppress(trio.BrokenResourceError):
-            await stream.send_all(_refusal(max_connections))
+            await stream.send_all(refusal)
     await trio.aclose_forcefully(stream)
