@@ -105,6 +105,11 @@ class ExecClient:
         self.transcript.frames.append(frame)
         return frame
 
+    async def start(self, **fields: Any) -> dict[str, Any]:
+        """Send an ``execute`` frame with ``fields``; its ``started`` frame."""
+        await self.send(type="execute", **fields)
+        return await self.recv_until("started")
+
     async def recv_until(self, *types: str) -> dict[str, Any]:
         while True:
             frame = await self.recv()

@@ -111,8 +111,7 @@ async def test_a_foreign_origin_cannot_open_a_websocket() -> None:
             async with open_ws(daemon.ws, [("Origin", "https://trusted.example.com")]):
                 pass
             async with exec_socket(daemon.ws) as client:  # no Origin: an SDK
-                await client.send(type="execute", command="true")
-                await client.recv_until("started")
+                await client.start(command="true")
     assert refused.status_code == 403
 
 

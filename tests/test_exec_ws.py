@@ -117,8 +117,7 @@ async def test_input_frames_reach_stdin_in_order_and_close_stdin_ends_cat(
 ) -> None:  # item 13
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(type="execute", command="cat")
-            await client.recv_until("started")
+            await client.start(command="cat")
             for piece in ("a", "b", "c\n"):
                 await client.send(type="input", data=piece)
             await client.send(type="close_stdin")
@@ -132,8 +131,7 @@ async def test_kill_takes_the_whole_group_and_readers_get_a_nonzero_exit(
 ) -> None:  # item 14
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(type="execute", command="sleep 60 & echo $!; wait")
-            await client.recv_until("started")
+            await client.start(command="sleep 60 & echo $!; wait")
             grandchild = int((await client.recv_until("stdout"))["data"])
             await client.send(type="kill")
             t = await client.collect()
@@ -178,8 +176,7 @@ async def test_pty_is_a_controlling_tty_merges_stderr_and_eot_ends_cat(daemon: D
     assert "stderr" not in t.types
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(type="execute", command="cat; echo cat-ended", pty=True)
-            await client.recv_until("started")
+            await client.start(command="cat; echo cat-ended", pty=True)
             await client.send(type="input", data="hello\n")
             await client.send(type="input", data="\x04")
             t = await client.collect()
@@ -193,12 +190,7 @@ async def test_reconnect_to_a_running_command_resumes_at_the_offsets(
     command_id = new_id()
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(
-                type="execute",
-                command="echo one; read line; echo $line",
-                command_id=command_id,
-            )
-            await client.recv_until("started")
+            await client.start(command="echo one; read line; echo $line", command_id=command_id)
             first = await client.recv_until("stdout")
         assert first["data"] == "one\n"
         async with exec_socket(daemon.ws) as client:
@@ -308,8 +300,7 @@ async def test_two_sockets_both_get_everything_and_either_can_send_input(
     command_id = new_id()
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as a, exec_socket(daemon.ws) as b:
-            await a.send(type="execute", command="read x; echo got $x", command_id=command_id)
-            await a.recv_until("started")
+            await a.start(command="read x; echo got $x", command_id=command_id)
             await b.send(type="reconnect", command_id=command_id)
             await b.recv_until("started")
             await b.send(type="input", data="hi\n")
@@ -324,8 +315,7 @@ async def test_a_control_frame_before_reconnect_is_held_and_applied(
     command_id = new_id()
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(type="execute", command="cat; echo eof", command_id=command_id)
-            await client.recv_until("started")
+            await client.start(command="cat; echo eof", command_id=command_id)
         async with exec_socket(daemon.ws) as client:
             await client.send(type="close_stdin")
             await client.send(type="reconnect", command_id=command_id)
@@ -338,13 +328,11 @@ async def test_idle_timeout_kills_only_without_clients(daemon: Daemon) -> None: 
     command_id = new_id()
     with trio.fail_after(15):
         async with exec_socket(daemon.ws) as client:
-            await client.send(
-                type="execute",
+            await client.start(
                 command="sleep 2.5; echo survived; sleep 60",
                 command_id=command_id,
                 idle_timeout_seconds=1,
             )
-            await client.recv_until("started")
             assert (await client.recv_until("stdout"))["data"] == "survived\n"
         live = daemon.running.supervisor.sessions[command_id]
         start = trio.current_time()
@@ -362,10 +350,7 @@ async def test_kill_on_disconnect_kills_after_the_last_client_leaves_even_by_tcp
     command_id = new_id()
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as a, exec_socket(daemon.ws) as b:
-            await a.send(
-                type="execute", command="sleep 60", command_id=command_id, kill_on_disconnect=True
-            )
-            await a.recv_until("started")
+            await a.start(command="sleep 60", command_id=command_id, kill_on_disconnect=True)
             await b.send(type="reconnect", command_id=command_id)
             await b.recv_until("started")
             await a.ws.aclose()
@@ -386,10 +371,7 @@ async def test_without_kill_on_disconnect_output_made_while_away_is_replayed(
     command_id = new_id()
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(
-                type="execute", command="echo a; sleep 0.5; echo b", command_id=command_id
-            )
-            await client.recv_until("started")
+            await client.start(command="echo a; sleep 0.5; echo b", command_id=command_id)
             await client.recv_until("stdout")
         await trio.sleep(1)
         async with exec_socket(daemon.ws) as client:
@@ -479,8 +461,7 @@ async def test_spawn_failures_are_an_error_frame_without_started(
 async def test_pings_are_answered_while_output_streams(daemon: Daemon) -> None:  # item 31
     with trio.fail_after(30):
         async with exec_socket(daemon.ws) as client:
-            await client.send(type="execute", command="yes | head -c 30000000")
-            await client.recv_until("started")
+            await client.start(command="yes | head -c 30000000")
             await client.recv_until("stdout")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.collect)  # keep reading, as the SDK does
@@ -522,11 +503,7 @@ async def test_unknown_paths_and_stopping_daemon_refuse_upgrades_with_a_detail_b
 async def test_shutdown_closes_attached_sockets_with_1001_after_started() -> None:  # item 33
     async with running_daemon(stop_grace=0.5) as daemon, exec_socket(daemon.ws) as client:
         with trio.fail_after(10):
-            await client.send(
-                type="execute",
-                command="trap 'echo bye; exit 3' TERM; echo ready; sleep 60 & wait",
-            )
-            await client.recv_until("started")
+            await client.start(command="trap 'echo bye; exit 3' TERM; echo ready; sleep 60 & wait")
             await client.recv_until("stdout")  # the trap is set
             daemon.running.stop.set()
             t = await client.collect()
@@ -542,8 +519,7 @@ async def test_bad_frames_get_an_invalid_request_error_and_the_command_lives_on(
     command_id = new_id()
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(type="execute", command="read x; echo $x", command_id=command_id)
-            await client.recv_until("started")
+            await client.start(command="read x; echo $x", command_id=command_id)
             await client.ws.send_message("{not json")
             bad = await client.collect()
         async with exec_socket(daemon.ws) as client:
@@ -565,12 +541,10 @@ async def test_shutdown_sends_1001_to_a_client_still_reading_after_the_commands_
     async with running_daemon(stop_grace=0.5) as daemon:
         with trio.fail_after(20):
             async with exec_socket(daemon.ws) as client:
-                await client.send(
-                    type="execute",
+                await client.start(
                     command="head -c 8000000 /dev/zero | tr '\\0' a; sleep 60",
                     command_id=command_id,
                 )
-                await client.recv_until("started")
             live = daemon.running.supervisor.sessions[command_id]
             while live.core.stdout.end < 8_000_000:  # nobody attached: read at full speed
                 await live.wait_changed()

@@ -93,8 +93,7 @@ async def test_an_oversized_websocket_message_closes_1009_and_others_carry_on() 
         address = daemon.running.address
         with trio.fail_after(15):
             async with exec_socket(daemon.ws) as bystander:
-                await bystander.send(type="execute", command="read x; echo got $x")
-                await bystander.recv_until("started")
+                await bystander.start(command="read x; echo got $x")
                 async with raw_ws(address) as ws:
                     await ws.send(TextMessage(data="x" * (65 * KiB)))
                     whole = await ws.wait_closed()
@@ -156,8 +155,7 @@ async def test_sessions_over_the_cap_get_too_many_sessions() -> None:
         with trio.fail_after(10):
             async with exec_socket(daemon.ws) as one, exec_socket(daemon.ws) as two:
                 for client in (one, two):
-                    await client.send(type="execute", command="sleep 30")
-                    await client.recv_until("started")
+                    await client.start(command="sleep 30")
                 refused = await run_command(daemon.ws, "echo three")
                 await one.send(type="kill")
                 await one.collect()

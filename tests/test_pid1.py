@@ -92,8 +92,7 @@ async def test_stop_signals_from_outside_end_the_daemon_gracefully(
 ) -> None:
     with trio.fail_after(30):
         async with exec_socket(spawned.ws) as client:
-            await client.send(type="execute", command="sleep 1000")
-            await client.recv_until("started")
+            await client.start(command="sleep 1000")
             spawned.daemon.send_signal(signo)
             t = await client.collect()
     code, logs = await trio.to_thread.run_sync(_finish, spawned)
@@ -124,12 +123,10 @@ async def test_job_control_signals_never_stop_the_daemon(spawned: Spawned) -> No
 async def test_escapees_are_gone_after_a_kill(spawned: Spawned) -> None:
     with trio.fail_after(30):
         async with exec_socket(spawned.ws) as client:
-            await client.send(
-                type="execute",
+            await client.start(
                 command="setsid sleep 1000 & nohup sleep 1000 >/dev/null 2>&1 & "
-                "(setsid sh -c 'sleep 1000 & echo $!' &) ; echo ready; sleep 1000",
+                "(setsid sh -c 'sleep 1000 & echo $!' &) ; echo ready; sleep 1000"
             )
-            await client.recv_until("started")
             await client.recv_until_text("stdout", "ready")
             await trio.sleep(0.3)
             command_id = client.transcript.frames[0]["command_id"]

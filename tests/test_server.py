@@ -54,10 +54,7 @@ async def test_sessions_lists_each_command_with_state_clients_and_bytes(daemon: 
     command_id = uuid.uuid4().hex
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(
-                type="execute", command="printf abc; printf de >&2; sleep 60", command_id=command_id
-            )
-            await client.recv_until("started")
+            await client.start(command="printf abc; printf de >&2; sleep 60", command_id=command_id)
             while daemon.running.supervisor.sessions[command_id].core.stderr.end < 2:
                 await trio.sleep(0.01)
             _, running = await http_get(daemon, "/sessions")
@@ -86,12 +83,10 @@ async def test_unknown_routes_get_404_and_wrong_methods_405_with_detail(daemon: 
 async def test_signal_frames_reach_the_process_group_by_name_or_number(daemon: Daemon) -> None:
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(
-                type="execute",
+            await client.start(
                 command="trap 'echo got-usr1' USR1; trap 'echo got-int; exit 9' INT; "
-                "echo ready; while true; do sleep 0.05; done",
+                "echo ready; while true; do sleep 0.05; done"
             )
-            await client.recv_until("started")
             await client.recv_until("stdout")
             await client.send(type="signal", signal="USR1")
             await client.recv_until_text("stdout", "got-usr1")
@@ -103,8 +98,7 @@ async def test_signal_frames_reach_the_process_group_by_name_or_number(daemon: D
 async def test_a_signal_death_is_reported_with_its_name(daemon: Daemon) -> None:
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(type="execute", command="exec sleep 60")
-            await client.recv_until("started")
+            await client.start(command="exec sleep 60")
             await client.send(type="signal", signal="SIGTERM")
             t = await client.collect()
     assert t.terminal["exit_code"] == 143 and t.terminal["signal"] == "TERM"
@@ -141,13 +135,11 @@ async def test_the_exit_frame_reports_cpu_time_and_a_real_peak_rss() -> None:
 async def test_resize_changes_the_pty_size_and_fires_winch(daemon: Daemon) -> None:
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
-            await client.send(
-                type="execute",
+            await client.start(
                 command="trap 'echo winch; stty size' WINCH; echo ready; "
                 "while true; do sleep 0.05; done",
                 pty=True,
             )
-            await client.recv_until("started")
             await client.recv_until_text("stdout", "ready")
             await client.send(type="resize", cols=100, rows=30)
             await client.recv_until_text("stdout", "30 100")
@@ -163,8 +155,7 @@ async def test_bad_signal_names_and_resize_sizes_are_invalid_requests(daemon: Da
             {"type": "resize", "cols": 0, "rows": 5},
         ):
             async with exec_socket(daemon.ws) as client:
-                await client.send(type="execute", command="sleep 60", kill_on_disconnect=True)
-                await client.recv_until("started")
+                await client.start(command="sleep 60", kill_on_disconnect=True)
                 await client.send(**frame)
                 t = await client.collect()
             assert t.terminal["error_type"] == "InvalidRequest"
@@ -197,10 +188,7 @@ async def test_a_client_behind_the_ring_sees_the_offset_jump_and_a_gap_frame() -
         with trio.fail_after(30):
             command_id = uuid.uuid4().hex
             async with exec_socket(daemon.ws) as client:
-                await client.send(
-                    type="execute", command="seq 1 300000; sleep 0.2", command_id=command_id
-                )
-                await client.recv_until("started")
+                await client.start(command="seq 1 300000; sleep 0.2", command_id=command_id)
             live = daemon.running.supervisor.sessions[command_id]
             while live.core.state.value == "running":
                 await live.wait_changed()
@@ -221,12 +209,7 @@ async def test_two_gigabytes_of_output_keep_the_daemons_memory_bounded() -> None
             baseline = me.memory_info().rss
             peak = baseline
             async with exec_socket(daemon.ws) as client:
-                await client.send(
-                    type="execute",
-                    command="head -c 2000000000 /dev/zero",
-                    command_id=command_id,
-                )
-                await client.recv_until("started")
+                await client.start(command="head -c 2000000000 /dev/zero", command_id=command_id)
             live = daemon.running.supervisor.sessions[command_id]
             while live.core.state.value == "running":
                 with trio.move_on_after(0.2):
@@ -259,8 +242,7 @@ async def test_a_connection_that_breaks_http_is_closed_alone(
     command_id = uuid.uuid4().hex
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as bystander:
-            await bystander.send(type="execute", command="read x; echo $x", command_id=command_id)
-            await bystander.recv_until("started")
+            await bystander.start(command="read x; echo $x", command_id=command_id)
             # WebSocket data sent before the upgrade is answered: hypercorn's h11 layer
             # raises on it. That must end this connection only.
             rogue = await trio.open_tcp_stream(host, int(port))
