@@ -302,3 +302,48 @@ def test_parser_errors_from_what_a_client_sent_are_told_apart_from_our_own() -> 
     assert client_broke_protocol(ExceptionGroup("x", [h11.RemoteProtocolError("bad")]))
     assert not client_broke_protocol(ExceptionGroup("x", [data_after_close, KeyError("ours")]))
     assert not client_broke_protocol(RuntimeError("a bug of ours"))
+
+
+class _RecordingProtocol:
+    """Stands in for hypercorn's protocol stack: records the events handed to it."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    async def handle(self, event: object) -> None:
+        self.events.append(event)
+
+
+async def test_a_send_racing_the_connections_close_is_taken_as_closed_not_an_error() -> None:
+    """hypercorn's ``_close`` calls ``send_eof`` outside its send lock, and trio's
+    ``send_eof`` holds the stream's send guard across a checkpoint; a pong sent in that
+    window raised BusyResourceError out of the connection (an error in the log). trio
+    runs the two tasks in random order, so the race is run 40 times: without the fix,
+    about half of them raise."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.events import Closed, RawData
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.typing import ConnectionState
+
+    from sandboxd.httpserver import _TCPServer
+
+    raced = 0
+    with trio.fail_after(10):
+        for _ in range(40):
+            a, b = trio.socket.socketpair()
+            server = _TCPServer(
+                None,  # type: ignore[arg-type]
+                HypercornConfig(),
+                WorkerContext(None),
+                ConnectionState({}),
+                trio.SocketStream(a),  # type: ignore[arg-type]
+            )
+            protocol = _RecordingProtocol()
+            server.protocol = protocol  # type: ignore[assignment]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server._close)
+                await trio.lowlevel.checkpoint()
+                await server.protocol_send(RawData(data=b"pong"))
+            b.close()
+            raced += any(isinstance(e, Closed) for e in protocol.events)
+    assert raced > 0  # the window was hit, and taken as a closed connection

@@ -24,6 +24,7 @@ import trio
 import wsproto.utilities
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
@@ -44,6 +45,18 @@ class _TCPServer(TCPServer):
     async def _read_data(self) -> None:
         await super()._read_data()
         await self.idle_task.stop()
+
+    async def protocol_send(self, event: Event) -> None:
+        # hypercorn serialises its sends with a lock, but its ``_close`` calls
+        # ``send_eof`` outside that lock, and trio's ``send_eof`` holds the stream's
+        # send guard across a checkpoint. A send in that window (seen: the pong that
+        # answers a client's ping while the server closes the socket) raises
+        # BusyResourceError. It can only happen once the connection is closing, so the
+        # bytes are moot: treat it as the closed connection it is.
+        try:
+            await super().protocol_send(event)
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
 
 
 def client_broke_protocol(exc: BaseException) -> bool:
