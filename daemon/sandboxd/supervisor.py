@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -254,7 +255,7 @@ class Supervisor:
         self._nursery = nursery
         self.shutting_down = False
         self.commands_started = 0
-        self._base_env = process.clean_environment(os.environ)
+        self._base_env = process.clean_environment(os.environ, frozen=getattr(sys, "frozen", False))
 
     # ---- lookup and creation ------------------------------------------------------
 
