@@ -8,7 +8,7 @@ TS_DIR := tests/sdk/ts
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench soak dist venv node tools clean
+.PHONY: run test lint bench soak dist venv node tools build-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,13 +34,20 @@ tools:
 	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
 
+# What the single-file build's launcher needs: a C compiler, static libc and zlib.
+build-tools:
+	@missing=""; \
+	command -v $(CC) >/dev/null 2>&1 || missing="$$missing gcc libc6-dev"; \
+	[ -f /usr/include/zlib.h ] || missing="$$missing zlib1g-dev"; \
+	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
+
 run: $(STAMP)
 	$(BIN)/sandboxd --listen 127.0.0.1:8080
 
 lint: $(STAMP)
-	$(BIN)/ruff check daemon tests
-	$(BIN)/ruff format --check daemon tests
-	$(BIN)/mypy --strict daemon
+	$(BIN)/ruff check daemon tests packaging
+	$(BIN)/ruff format --check daemon tests packaging
+	$(BIN)/mypy --strict daemon packaging
 
 test: $(STAMP) $(TS_STAMP) tools lint dist
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -51,13 +58,24 @@ soak: $(STAMP) tools
 	CHAOS_MB=100 CHAOS_CUTS=100 SOAK_COMMANDS=10000 FUZZ_EXAMPLES=2000 $(BIN)/pytest -s \
 		-o faulthandler_timeout=1800 tests/test_chaos.py tests/test_soak.py tests/test_fuzz.py
 
-# One self-contained executable for snapshot images (no Python needed on the image):
-# PyInstaller --onefile, glibc from the image. Rebuilt when a daemon source changes.
+# One self-contained executable for snapshot images (no Python needed on the image): a
+# static C launcher (packaging/launcher.c) with a PyInstaller one-folder build appended; it
+# unpacks once and execs in place, so sandboxd itself is PID 1. Rebuilt when a source changes.
 DIST := dist/sandboxd
-$(DIST): $(STAMP) packaging/entry.py $(wildcard daemon/sandboxd/*.py)
-	$(BIN)/pyinstaller --onefile --name sandboxd --paths daemon --distpath dist \
+LAUNCHER := build/launcher
+ONEDIR := build/onedir/sandboxd
+$(LAUNCHER): packaging/launcher.c | build-tools
+	mkdir -p build
+	$(CC) -O2 -s -static -Wall -Wextra -Werror -o $@ packaging/launcher.c -lz
+
+$(ONEDIR)/sandboxd: $(STAMP) packaging/entry.py $(wildcard daemon/sandboxd/*.py)
+	$(BIN)/pyinstaller --onedir --name sandboxd --paths daemon --distpath build/onedir \
 		--workpath build/pyinstaller --specpath build --noconfirm --log-level WARN \
 		packaging/entry.py
+
+$(DIST): $(LAUNCHER) $(ONEDIR)/sandboxd packaging/pack.py
+	mkdir -p dist
+	$(BIN)/python packaging/pack.py $(LAUNCHER) $(ONEDIR) $@
 
 dist: $(DIST)
 

@@ -1,5 +1,6 @@
-"""The single-file build (``make dist``) runs as PID 1 of a root file system that holds
-no Python: only the artifact, bash, a few coreutils and the C libraries they link."""
+"""The single-file build (``make dist``): a static launcher that unpacks the bundle once
+and execs it in place. It runs as PID 1 of a root file system that holds no Python: only
+the artifact, bash, a few coreutils and the C libraries they link."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -35,6 +37,7 @@ C_RUNTIME = (
     "libz.so",
 )
 TOOLS = ["bash", "cat", "echo", "ls", "sleep", "head", "env", "id", "setsid", "sha256sum"]
+TOKEN = "dist-test-token-4b1d"
 
 pytestmark = pytest.mark.skipif(
     UNSHARE is None or os.geteuid() != 0, reason="needs root and unshare (CI has both)"
@@ -86,9 +89,17 @@ def pid1(image: Path) -> Iterator[DaemonProcess]:
         'root=$1; shift; mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" && '
         'exec chroot "$root" /usr/local/bin/sandboxd "$@"'
     )
-    launcher = [UNSHARE or "unshare", "--pid", "--fork", "--mount", "--propagation", "private"]
+    launcher = [
+        UNSHARE or "unshare",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount",
+        "--propagation",
+        "private",
+    ]
     program = ["sh", "-c", enter, "sh", str(image)]
-    daemon = start_daemon("--stop-grace", "1", launcher=launcher, program=program)
+    daemon = start_daemon("--stop-grace", "1", "--token", TOKEN, launcher=launcher, program=program)
     try:
         yield daemon
     finally:
@@ -99,30 +110,151 @@ def pid1(image: Path) -> Iterator[DaemonProcess]:
             daemon.process.stderr.close()
 
 
+def _namespace_init(pid1: DaemonProcess) -> psutil.Process:
+    (init,) = psutil.Process(pid1.process.pid).children()
+    return init
+
+
+def _wait_for_no_children(init: psutil.Process) -> list[psutil.Process]:
+    deadline = time.monotonic() + 5
+    while (tree := init.children(recursive=True)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return tree
+
+
 def test_the_artifact_runs_as_pid_1_without_python_and_serves_the_sdk(
     pid1: DaemonProcess, image: Path
 ) -> None:
-    (init,) = psutil.Process(pid1.process.pid).children()
-    assert Path(init.exe()) == image / "usr/local/bin/sandboxd"
-    result = sdk_sandbox(pid1.url).run(
+    init = _namespace_init(pid1)
+    # The launcher exec'd the unpacked program: PID 1 is sandboxd itself, no loader above it.
+    unpacked = Path(init.exe())
+    assert unpacked.name == "sandboxd" and unpacked.parent.parent == image / "tmp"
+    assert unpacked.parent.name.startswith("sandboxd-")
+    assert unpacked.parent.stat().st_mode & 0o777 == 0o700
+    assert TOKEN not in " ".join(init.cmdline())  # moved into the environment, then exec'd
+    result = sdk_sandbox(pid1.url, api_key=TOKEN).run(
         "echo pid1=$(cat /proc/1/comm); command -v python3 python || echo no python; "
+        'echo "ld=${LD_LIBRARY_PATH-unset} pyi=$(compgen -e _PYI_)"; '
         "for i in 1 2 3; do setsid sleep 0.2 & done; echo done >&2",
         timeout=30,
     )
 
     assert result.exit_code == 0
-    assert result.stdout == "pid1=sandboxd\nno python\n"
+    assert result.stdout == "pid1=sandboxd\nno python\nld=unset pyi=\n"
     assert result.stderr == "done\n"
-    deadline = time.monotonic() + 5  # the orphaned sleeps end and are reaped
-    while time.monotonic() < deadline:
-        tree = init.children(recursive=True)
-        if all(p.status() != psutil.STATUS_ZOMBIE for p in tree) and len(tree) == 1:
-            break
-        time.sleep(0.1)
-    assert [p.name() for p in init.children(recursive=True)] == ["sandboxd"]
+    assert _wait_for_no_children(init) == []  # the orphaned sleeps ended and were reaped
 
     init.send_signal(signal.SIGTERM)  # what `docker stop` does
     assert pid1.process.wait(timeout=30) == 0
     assert pid1.reader is not None
     pid1.reader.join(timeout=10)
     assert [e["msg"] for e in pid1.logs if e.get("logger") == "sandboxd"][-1] == "stopped"
+
+
+def test_orphans_of_a_process_that_entered_from_outside_are_reaped(pid1: DaemonProcess) -> None:
+    """What `docker exec ... sh -c 'sleep 1 &'` leaves: an orphan whose parent was never a
+    command, so only the namespace's init can reap it."""
+    init = _namespace_init(pid1)
+    subprocess.run(
+        ["nsenter", "--target", str(init.pid), "--pid", "--", "sh", "-c", "sleep 0.3 & exit"],
+        check=True,
+        timeout=10,
+    )
+
+    def sleeps() -> list[str]:
+        return [p.status() for p in init.children() if p.name() == "sleep"]
+
+    assert sleeps() in (["sleeping"], ["zombie"])  # the orphan went to PID 1
+    deadline = time.monotonic() + 5
+    while sleeps() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sleeps() == []  # a zombie would stay listed
+
+
+# ---- the launcher: where it unpacks, and what it refuses ---------------------------------
+
+
+def _payload_id(artifact: Path) -> str:
+    """The payload id from the artifact's trailer (launcher.c documents the layout)."""
+    trailer = artifact.read_bytes()[-48:]
+    assert trailer[40:] == b"SBXDPAK1"
+    return trailer[24:40].decode()
+
+
+def _run_artifact(artifact: Path, base: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "SANDBOXD_UNPACK_DIR": str(base)}
+    return subprocess.run(
+        [str(artifact), "--version"],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env=env,
+        timeout=30,
+    )
+
+
+@pytest.fixture
+def unpack_base(tmp_path: Path) -> Path:
+    assert DIST.is_file(), f"{DIST} is missing: `make dist` builds it (`make test` does)"
+    base = tmp_path / "unpack"
+    base.mkdir()
+    return base
+
+
+def test_eight_starts_at_once_unpack_one_bundle_that_later_starts_reuse(
+    unpack_base: Path,
+) -> None:
+    def start(_: int) -> subprocess.CompletedProcess[str]:
+        return _run_artifact(DIST, unpack_base)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(start, range(8)))
+    assert [(r.returncode, r.stdout, r.stderr) for r in results] == [
+        (0, "sandboxd 0.1.0\n", "")
+    ] * 8
+    unpacked = unpack_base / f"sandboxd-{_payload_id(DIST)}"
+    assert list(unpack_base.iterdir()) == [unpacked]  # the losers of the race cleaned up
+    program = unpacked / "sandboxd"
+    before = program.stat()
+
+    assert _run_artifact(DIST, unpack_base).returncode == 0
+    assert (program.stat().st_ino, program.stat().st_mtime_ns) == (
+        before.st_ino,
+        before.st_mtime_ns,
+    )
+
+
+def test_an_unpacked_bundle_others_could_have_written_is_never_run(unpack_base: Path) -> None:
+    """A stranger who plants a program under the expected name gets nothing run."""
+    planted = unpack_base / f"sandboxd-{_payload_id(DIST)}"
+    planted.mkdir()
+    marker = unpack_base / "ran"
+    (planted / "sandboxd").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (planted / "sandboxd").chmod(0o755)
+    planted.chmod(0o777)
+
+    result = _run_artifact(DIST, unpack_base)
+
+    assert (result.returncode, result.stdout) == (0, "sandboxd 0.1.0\n")
+    assert not marker.exists()
+    (private,) = [p for p in unpack_base.iterdir() if p not in (planted, marker)]
+    assert private.name.startswith(".sandboxd-") and private.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_damaged_artifact_is_refused_with_a_reason_and_leaves_nothing(
+    unpack_base: Path, tmp_path: Path
+) -> None:
+    data = bytearray(DIST.read_bytes())
+    offset = int.from_bytes(data[-48:-40], "little")
+    length = int.from_bytes(data[-40:-32], "little")
+    middle = offset + length // 2
+    data[middle : middle + 64] = bytes(64)
+    damaged = tmp_path / "sandboxd"
+    damaged.write_bytes(bytes(data))
+    damaged.chmod(0o755)
+
+    result = _run_artifact(damaged, unpack_base)
+
+    assert result.returncode == 127
+    assert "sandboxd launcher: payload is corrupt" in result.stderr
+    assert list(unpack_base.iterdir()) == []
