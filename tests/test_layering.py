@@ -20,6 +20,7 @@ CORE = [
     "paths",
     "yamux",
     "expired",
+    "environment",
 ]
 ALLOWED_THIRD_PARTY = {"msgspec"}
 

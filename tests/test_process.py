@@ -188,30 +188,6 @@ async def test_a_pty_child_has_the_terminal_as_its_controlling_tty_at_the_set_si
     assert status.code == 0
 
 
-def test_private_variables_never_reach_a_command() -> None:
-    env = process.clean_environment(
-        {
-            "PATH": "/bin",
-            "NOTIFY_SOCKET": "/run/notify",
-            "LISTEN_FDS": "1",
-            "LISTEN_PID": "1",
-            "WATCHDOG_USEC": "1",
-            "SANDBOXD_TOKEN": "secret",
-            "_PYI_ARCHIVE_FILE": "/tmp/sandboxd-1/sandboxd",
-            "LD_LIBRARY_PATH": "/opt/lib",
-            "KEEP": "me",
-        }
-    )
-    assert env == {"PATH": "/bin", "LD_LIBRARY_PATH": "/opt/lib", "KEEP": "me"}
-
-
-def test_a_frozen_daemon_gives_commands_the_library_path_it_was_started_with() -> None:
-    bundle = "/tmp/sandboxd-1/_internal"
-    restored = {"LD_LIBRARY_PATH": f"{bundle}:/opt/lib", "LD_LIBRARY_PATH_ORIG": "/opt/lib"}
-    assert process.clean_environment(restored, frozen=True) == {"LD_LIBRARY_PATH": "/opt/lib"}
-    assert process.clean_environment({"LD_LIBRARY_PATH": bundle}, frozen=True) == {}
-
-
 async def test_kill_tree_takes_the_group_and_descendants_that_left_it() -> None:
     reaper = process.Reaper()
     with trio.fail_after(15):

@@ -6,7 +6,7 @@
   ``STOPPING=1`` when a stop begins.
 * ``$LISTEN_FDS``/``$LISTEN_PID`` (socket activation): the listening socket is fd 3.
 
-These variables never reach commands (``process.clean_environment``).
+These variables never reach commands (``environment.clean_environment``).
 """
 
 from __future__ import annotations

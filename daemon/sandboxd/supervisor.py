@@ -24,6 +24,7 @@ import trio
 
 from sandboxd import process
 from sandboxd.config import CHUNK_BYTES, Config
+from sandboxd.environment import clean_environment
 from sandboxd.errors import CommandNotFound, ServerShuttingDown, SessionExpired, TooManySessions
 from sandboxd.expired import ExpiredIds
 from sandboxd.messages import Execute, validate_execute
@@ -255,7 +256,7 @@ class Supervisor:
         self._nursery = nursery
         self.shutting_down = False
         self.commands_started = 0
-        self._base_env = process.clean_environment(os.environ, frozen=getattr(sys, "frozen", False))
+        self._base_env = clean_environment(os.environ, frozen=getattr(sys, "frozen", False))
 
     # ---- lookup and creation ------------------------------------------------------
 
