@@ -156,7 +156,7 @@ def test_orphans_of_a_process_that_entered_from_outside_are_reaped(pid1: DaemonP
     command, so only the namespace's init can reap it."""
     init = _namespace_init(pid1)
     subprocess.run(
-        ["nsenter", "--target", str(init.pid), "--pid", "--", "sh", "-c", "sleep 0.3 & exit"],
+        ["nsenter", "--target", str(init.pid), "--pid", "--", "sh", "-c", "sleep 1 & exit"],
         check=True,
         timeout=10,
     )
@@ -164,7 +164,7 @@ def test_orphans_of_a_process_that_entered_from_outside_are_reaped(pid1: DaemonP
     def sleeps() -> list[str]:
         return [p.status() for p in init.children() if p.name() == "sleep"]
 
-    assert sleeps() in (["sleeping"], ["zombie"])  # the orphan went to PID 1
+    assert len(sleeps()) == 1  # the orphan went to PID 1 (running, sleeping or ended)
     deadline = time.monotonic() + 5
     while sleeps() and time.monotonic() < deadline:
         time.sleep(0.1)
