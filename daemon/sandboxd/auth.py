@@ -47,10 +47,6 @@ class Gate:
         self._origins = frozenset(o.strip() for o in allowed_origins.split(",") if o.strip())
         self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._token)
-
     def check(
         self,
         path: str,
