@@ -8,11 +8,14 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -38,6 +41,7 @@ C_RUNTIME = (
 )
 TOOLS = ["bash", "cat", "echo", "ls", "sleep", "head", "env", "id", "setsid", "sha256sum"]
 TOKEN = "dist-test-token-4b1d"
+T = TypeVar("T")
 
 pytestmark = pytest.mark.skipif(
     UNSHARE is None or os.geteuid() != 0, reason="needs root and unshare (CI has both)"
@@ -58,9 +62,15 @@ def _copy_in(root: Path, source: Path, target: Path | None = None) -> None:
 
 
 @pytest.fixture
-def image(tmp_path: Path) -> Path:
-    """A root file system: the artifact at /usr/local/bin/sandboxd, bash, coreutils."""
+def artifact() -> Path:
+    """The single-file build."""
     assert DIST.is_file(), f"{DIST} is missing: `make dist` builds it (`make test` does)"
+    return DIST
+
+
+@pytest.fixture
+def image(tmp_path: Path, artifact: Path) -> Path:
+    """A root file system: the artifact at /usr/local/bin/sandboxd, bash, coreutils."""
     root = tmp_path / "image"
     for name in ("usr/bin", "usr/lib", "usr/lib64", "usr/sbin", "tmp", "proc", "dev", "root"):
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -71,8 +81,8 @@ def image(tmp_path: Path) -> Path:
     assert len(binaries) == len(TOOLS)
     for binary in binaries:
         _copy_in(root, binary, Path("/usr/bin") / binary.name)
-    _copy_in(root, DIST, Path("/usr/local/bin/sandboxd"))
-    libraries = set().union(*map(_libraries, [DIST, *binaries]))
+    _copy_in(root, artifact, Path("/usr/local/bin/sandboxd"))
+    libraries = set().union(*map(_libraries, [artifact, *binaries]))
     libc_dir = next(p.parent for p in libraries if p.name == "libc.so.6")
     libraries |= {p for p in libc_dir.iterdir() if p.name.startswith(C_RUNTIME)}
     for library in libraries:
@@ -115,11 +125,12 @@ def _namespace_init(pid1: DaemonProcess) -> psutil.Process:
     return init
 
 
-def _wait_for_no_children(init: psutil.Process) -> list[psutil.Process]:
+def _wait_until_empty(listing: Callable[[], list[T]]) -> list[T]:
+    """Poll ``listing`` for up to 5 s until it is empty; what it last returned."""
     deadline = time.monotonic() + 5
-    while (tree := init.children(recursive=True)) and time.monotonic() < deadline:
+    while (items := listing()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return tree
+    return items
 
 
 def test_the_artifact_runs_as_pid_1_without_python_and_serves_the_sdk(
@@ -142,7 +153,8 @@ def test_the_artifact_runs_as_pid_1_without_python_and_serves_the_sdk(
     assert result.exit_code == 0
     assert result.stdout == "pid1=sandboxd\nno python\nld=unset pyi=\n"
     assert result.stderr == "done\n"
-    assert _wait_for_no_children(init) == []  # the orphaned sleeps ended and were reaped
+    # The orphaned sleeps ended and were reaped.
+    assert _wait_until_empty(lambda: init.children(recursive=True)) == []
 
     init.send_signal(signal.SIGTERM)  # what `docker stop` does
     assert pid1.process.wait(timeout=30) == 0
@@ -165,20 +177,27 @@ def test_orphans_of_a_process_that_entered_from_outside_are_reaped(pid1: DaemonP
         return [p.status() for p in init.children() if p.name() == "sleep"]
 
     assert len(sleeps()) == 1  # the orphan went to PID 1 (running, sleeping or ended)
-    deadline = time.monotonic() + 5
-    while sleeps() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert sleeps() == []  # a zombie would stay listed
+    assert _wait_until_empty(sleeps) == []  # a zombie would stay listed
 
 
 # ---- the launcher: where it unpacks, and what it refuses ---------------------------------
 
 
-def _payload_id(artifact: Path) -> str:
-    """The payload id from the artifact's trailer (launcher.c documents the layout)."""
-    trailer = artifact.read_bytes()[-48:]
+@dataclass(frozen=True)
+class Trailer:
+    """The end of the artifact: where its payload is, and its id (launcher.c documents
+    the layout)."""
+
+    offset: int
+    length: int
+    payload_id: str
+
+
+def _trailer(data: bytes) -> Trailer:
+    trailer = data[-48:]
     assert trailer[40:] == b"SBXDPAK1"
-    return trailer[24:40].decode()
+    offset, length = struct.unpack("<QQ", trailer[:16])
+    return Trailer(offset, length, trailer[24:40].decode())
 
 
 def _run_artifact(artifact: Path, base: Path) -> subprocess.CompletedProcess[str]:
@@ -195,45 +214,46 @@ def _run_artifact(artifact: Path, base: Path) -> subprocess.CompletedProcess[str
 
 @pytest.fixture
 def unpack_base(tmp_path: Path) -> Path:
-    assert DIST.is_file(), f"{DIST} is missing: `make dist` builds it (`make test` does)"
     base = tmp_path / "unpack"
     base.mkdir()
     return base
 
 
 def test_eight_starts_at_once_unpack_one_bundle_that_later_starts_reuse(
-    unpack_base: Path,
+    artifact: Path, unpack_base: Path
 ) -> None:
     def start(_: int) -> subprocess.CompletedProcess[str]:
-        return _run_artifact(DIST, unpack_base)
+        return _run_artifact(artifact, unpack_base)
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(start, range(8)))
     assert [(r.returncode, r.stdout, r.stderr) for r in results] == [
         (0, "sandboxd 0.1.0\n", "")
     ] * 8
-    unpacked = unpack_base / f"sandboxd-{_payload_id(DIST)}"
+    unpacked = unpack_base / f"sandboxd-{_trailer(artifact.read_bytes()).payload_id}"
     assert list(unpack_base.iterdir()) == [unpacked]  # the losers of the race cleaned up
     program = unpacked / "sandboxd"
     before = program.stat()
 
-    assert _run_artifact(DIST, unpack_base).returncode == 0
+    assert _run_artifact(artifact, unpack_base).returncode == 0
     assert (program.stat().st_ino, program.stat().st_mtime_ns) == (
         before.st_ino,
         before.st_mtime_ns,
     )
 
 
-def test_an_unpacked_bundle_others_could_have_written_is_never_run(unpack_base: Path) -> None:
+def test_an_unpacked_bundle_others_could_have_written_is_never_run(
+    artifact: Path, unpack_base: Path
+) -> None:
     """A stranger who plants a program under the expected name gets nothing run."""
-    planted = unpack_base / f"sandboxd-{_payload_id(DIST)}"
+    planted = unpack_base / f"sandboxd-{_trailer(artifact.read_bytes()).payload_id}"
     planted.mkdir()
     marker = unpack_base / "ran"
     (planted / "sandboxd").write_text(f"#!/bin/sh\ntouch {marker}\n")
     (planted / "sandboxd").chmod(0o755)
     planted.chmod(0o777)
 
-    result = _run_artifact(DIST, unpack_base)
+    result = _run_artifact(artifact, unpack_base)
 
     assert (result.returncode, result.stdout) == (0, "sandboxd 0.1.0\n")
     assert not marker.exists()
@@ -242,12 +262,11 @@ def test_an_unpacked_bundle_others_could_have_written_is_never_run(unpack_base: 
 
 
 def test_a_damaged_artifact_is_refused_with_a_reason_and_leaves_nothing(
-    unpack_base: Path, tmp_path: Path
+    artifact: Path, unpack_base: Path, tmp_path: Path
 ) -> None:
-    data = bytearray(DIST.read_bytes())
-    offset = int.from_bytes(data[-48:-40], "little")
-    length = int.from_bytes(data[-40:-32], "little")
-    middle = offset + length // 2
+    data = bytearray(artifact.read_bytes())
+    trailer = _trailer(data)
+    middle = trailer.offset + trailer.length // 2
     data[middle : middle + 64] = bytes(64)
     damaged = tmp_path / "sandboxd"
     damaged.write_bytes(bytes(data))
