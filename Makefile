@@ -68,7 +68,7 @@ $(LAUNCHER): packaging/launcher.c | build-tools
 	mkdir -p build
 	$(CC) -O2 -s -static -Wall -Wextra -Werror -o $@ packaging/launcher.c -lz
 
-$(ONEDIR)/sandboxd: $(STAMP) packaging/entry.py $(wildcard daemon/sandboxd/*.py)
+$(ONEDIR)/sandboxd: $(STAMP) packaging/entry.py $(shell find daemon/sandboxd -name "*.py")
 	$(BIN)/pyinstaller --onedir --name sandboxd --paths daemon --distpath build/onedir \
 		--workpath build/pyinstaller --specpath build --noconfirm --log-level WARN \
 		packaging/entry.py

@@ -17,7 +17,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from sandboxd.config import Config
+from sandboxd.core.config import Config
 from sandboxd.service import Running, make_listen_socket, serve
 
 #: What the Python SDK accepts at most in one message; the daemon must stay below it.

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from sandboxd.cli import build_parser, parse_args
-from sandboxd.config import Config
+from sandboxd.core.config import Config
 
 
 def test_defaults_match_the_config_struct() -> None:

@@ -20,13 +20,13 @@ import msgspec
 import trio
 
 from sandboxd import __version__
-from sandboxd.config import Config
-from sandboxd.logs import setup_logging
-from sandboxd.memory import limit_malloc_arenas
-from sandboxd.notify import Notifier, activated_socket
-from sandboxd.process import become_subreaper
+from sandboxd.core.config import Config
+from sandboxd.endpoints.tunnel import PortPolicy
+from sandboxd.runtime.logs import setup_logging
+from sandboxd.runtime.memory import limit_malloc_arenas
+from sandboxd.runtime.notify import Notifier, activated_socket
+from sandboxd.runtime.process import become_subreaper
 from sandboxd.service import Running, make_listen_socket, serve
-from sandboxd.tunnel import PortPolicy
 
 log = logging.getLogger("sandboxd")
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from sandboxd import memory, process, wsoptions
-from sandboxd.config import Config
-from sandboxd.httpserver import serve_http
-from sandboxd.notify import Notifier
-from sandboxd.server import App
-from sandboxd.supervisor import Supervisor
+from sandboxd.core.config import Config
+from sandboxd.http import wsoptions
+from sandboxd.http.app import App
+from sandboxd.http.listener import serve_http
+from sandboxd.runtime import memory, process
+from sandboxd.runtime.notify import Notifier
+from sandboxd.runtime.supervisor import Supervisor
 
 log = logging.getLogger("sandboxd")
 

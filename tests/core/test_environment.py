@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sandboxd.environment import clean_environment
+from sandboxd.core.environment import clean_environment
 
 
 def test_private_variables_never_reach_a_command() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tracemalloc
 import uuid
 
-from sandboxd.expired import ExpiredIds
+from sandboxd.core.expired import ExpiredIds
 
 
 def test_the_newest_ids_are_kept_and_the_oldest_go_first() -> None:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from sandboxd.errors import InvalidRequest
-from sandboxd.messages import (
+from sandboxd.core.errors import InvalidRequest
+from sandboxd.core.messages import (
     CloseStdin,
     Execute,
     Gap,

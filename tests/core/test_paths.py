@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sandboxd.errors import InvalidRequest
-from sandboxd.paths import (
+from sandboxd.core.errors import InvalidRequest
+from sandboxd.core.paths import (
     ByteRange,
     RangeNotSatisfiable,
     absolute_dir,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sandboxd.ringbuffer import BufferPool, ReadResult, RingBuffer
+from sandboxd.core.ringbuffer import BufferPool, ReadResult, RingBuffer
 
 
 def test_offsets_are_absolute_and_survive_eviction() -> None:

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from sandboxd.ringbuffer import RingBuffer
-from sandboxd.session import (
+from sandboxd.core.ringbuffer import RingBuffer
+from sandboxd.core.session import (
     EndReason,
     ExitStatus,
     Expire,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from sandboxd.utf8 import Utf8Sanitizer
+from sandboxd.core.utf8 import Utf8Sanitizer
 
 
 def feed_all(pieces: list[bytes]) -> bytes:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from sandboxd import yamux
-from sandboxd.yamux import Flag, Frame, FrameReader, FrameType
+from sandboxd.core import yamux
+from sandboxd.core.yamux import Flag, Frame, FrameReader, FrameType
 
 
 def test_the_sdks_captured_bytes_decode() -> None:

@@ -10,8 +10,8 @@ import time
 import pytest
 import trio
 
-from sandboxd import search
-from sandboxd.paths import compile_glob
+from sandboxd.core.paths import compile_glob
+from sandboxd.endpoints import search
 from tests.helpers import Daemon, HttpResponse, http_request, running_daemon
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from sandboxd import sse
+from sandboxd.endpoints import sse
 from tests.helpers import Daemon, http_request, running_daemon
 
 

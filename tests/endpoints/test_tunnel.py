@@ -11,8 +11,8 @@ from functools import partial
 import trio
 from trio_websocket import WebSocketConnection
 
-from sandboxd import yamux
-from sandboxd.yamux import Flag, Frame, FrameReader, FrameType
+from sandboxd.core import yamux
+from sandboxd.core.yamux import Flag, Frame, FrameReader, FrameType
 from tests.helpers import Daemon, open_ws, running_daemon
 
 

@@ -295,7 +295,7 @@ def test_parser_errors_from_what_a_client_sent_are_told_apart_from_our_own() -> 
     import h11
     import wsproto.utilities
 
-    from sandboxd.httpserver import client_broke_protocol
+    from sandboxd.http.listener import client_broke_protocol
 
     data_after_close = wsproto.utilities.LocalProtocolError("Connection already closed.")
     assert client_broke_protocol(data_after_close)
@@ -325,7 +325,7 @@ async def test_a_send_racing_the_connections_close_is_taken_as_closed_not_an_err
     from hypercorn.trio.worker_context import WorkerContext
     from hypercorn.typing import ConnectionState
 
-    from sandboxd.httpserver import _TCPServer
+    from sandboxd.http.listener import _TCPServer
 
     raced = 0
     with trio.fail_after(10):

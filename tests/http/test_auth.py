@@ -12,8 +12,8 @@ from urllib.parse import quote
 import pytest
 import trio
 
-from sandboxd.auth import MAX_FAILURES, Gate
-from sandboxd.server import WEBSOCKET_PATHS
+from sandboxd.http.app import WEBSOCKET_PATHS
+from sandboxd.http.auth import MAX_FAILURES, Gate
 from tests.helpers import exec_socket, http_request, multipart, open_ws, rejection, running_daemon
 
 TOKEN = "s3cret-t0ken-for-tests"

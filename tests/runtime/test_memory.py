@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from sandboxd import memory
+from sandboxd.runtime import memory
 
 
 def test_the_arena_cap_is_accepted_by_glibc() -> None:

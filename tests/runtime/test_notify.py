@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from sandboxd.notify import Notifier, activated_socket
+from sandboxd.runtime.notify import Notifier, activated_socket
 
 
 def test_notifier_reads_path_abstract_and_watchdog_settings() -> None:

@@ -12,9 +12,9 @@ import psutil
 import pytest
 import trio
 
-from sandboxd import process
-from sandboxd.errors import InvalidRequest, SpawnFailed
-from sandboxd.session import ExitStatus
+from sandboxd.core.errors import InvalidRequest, SpawnFailed
+from sandboxd.core.session import ExitStatus
+from sandboxd.runtime import process
 
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 

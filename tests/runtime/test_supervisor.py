@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from sandboxd import process
-from sandboxd.config import Config
-from sandboxd.errors import CommandNotFound, SessionExpired
-from sandboxd.messages import Execute
-from sandboxd.session import ExitStatus, SessionState
-from sandboxd.supervisor import Supervisor
+from sandboxd.core.config import Config
+from sandboxd.core.errors import CommandNotFound, SessionExpired
+from sandboxd.core.messages import Execute
+from sandboxd.core.session import ExitStatus, SessionState
+from sandboxd.runtime import process
+from sandboxd.runtime.supervisor import Supervisor
 
 
 class FakeReaper(process.Reaper):

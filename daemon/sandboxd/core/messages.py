@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from sandboxd.errors import InvalidRequest
+from sandboxd.core.errors import InvalidRequest
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 COMMAND_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")

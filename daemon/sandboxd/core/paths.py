@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from sandboxd.errors import InvalidRequest
+from sandboxd.core.errors import InvalidRequest
 
 
 def resolve_path(raw: str | None, home: str, *, what: str = "path") -> str:

@@ -29,8 +29,8 @@ import signal as signal_module
 from dataclasses import dataclass, field
 from enum import Enum
 
-from sandboxd.messages import Error, Exit
-from sandboxd.ringbuffer import ReadResult, RingBuffer
+from sandboxd.core.messages import Error, Exit
+from sandboxd.core.ringbuffer import ReadResult, RingBuffer
 
 #: The child's output may run at most ``capacity // PACE_WINDOW`` bytes ahead of the slowest
 #: pacing client. The rest of the ring keeps what was sent to a client but may still have

@@ -16,10 +16,9 @@ from typing import Any
 
 import trio
 
-from sandboxd import process
-from sandboxd.config import CHUNK_BYTES
-from sandboxd.errors import InvalidRequest, SandboxdError
-from sandboxd.messages import (
+from sandboxd.core.config import CHUNK_BYTES
+from sandboxd.core.errors import InvalidRequest, SandboxdError
+from sandboxd.core.messages import (
     CloseStdin,
     ControlMessage,
     Error,
@@ -37,8 +36,9 @@ from sandboxd.messages import (
     decode_client,
     encode_text,
 )
-from sandboxd.session import Attachment, Stream
-from sandboxd.supervisor import LiveSession, Supervisor
+from sandboxd.core.session import Attachment, Stream
+from sandboxd.runtime import process
+from sandboxd.runtime.supervisor import LiveSession, Supervisor
 
 log = logging.getLogger("sandboxd.exec")
 

@@ -22,7 +22,7 @@ import trio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from sandboxd.errors import (
+from sandboxd.core.errors import (
     FileNotFound,
     InvalidRequest,
     PayloadTooLarge,
@@ -31,7 +31,14 @@ from sandboxd.errors import (
     SandboxdError,
     WriteError,
 )
-from sandboxd.httpio import (
+from sandboxd.core.paths import (
+    RangeNotSatisfiable,
+    etag_matches,
+    make_etag,
+    parse_range,
+    resolve_path,
+)
+from sandboxd.http.asgi import (
     Receive,
     Scope,
     Send,
@@ -43,7 +50,6 @@ from sandboxd.httpio import (
     respond,
     respond_json,
 )
-from sandboxd.paths import RangeNotSatisfiable, etag_matches, make_etag, parse_range, resolve_path
 
 #: Files up to this size have their content in the ETag (so a same-size rewrite within
 #: one timestamp tick still changes it); larger ones are identified by inode and times.

@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 import msgspec
 import trio
 
-from sandboxd.errors import FileNotFound, InvalidRequest, PermissionDenied
-from sandboxd.paths import GlobPattern, absolute_dir, compile_glob, grep_filter
+from sandboxd.core.errors import FileNotFound, InvalidRequest, PermissionDenied
+from sandboxd.core.paths import GlobPattern, absolute_dir, compile_glob, grep_filter
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 100_000

@@ -17,12 +17,12 @@ from typing import Any
 import msgspec
 import trio
 
-from sandboxd.config import CHUNK_BYTES
-from sandboxd.errors import CommandTimeout, PayloadTooLarge
-from sandboxd.httpio import Receive, Scope, Send, read_json, respond_json
-from sandboxd.messages import Error, Execute, RunConfig
-from sandboxd.session import Attachment, Stream
-from sandboxd.supervisor import LiveSession, Supervisor
+from sandboxd.core.config import CHUNK_BYTES
+from sandboxd.core.errors import CommandTimeout, PayloadTooLarge
+from sandboxd.core.messages import Error, Execute, RunConfig
+from sandboxd.core.session import Attachment, Stream
+from sandboxd.http.asgi import Receive, Scope, Send, read_json, respond_json
+from sandboxd.runtime.supervisor import LiveSession, Supervisor
 
 log = logging.getLogger("sandboxd.sse")
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import trio
 
-from sandboxd import yamux
-from sandboxd.yamux import Flag, FrameType
+from sandboxd.core import yamux
+from sandboxd.core.yamux import Flag, FrameType
 
 log = logging.getLogger("sandboxd.tunnel")
 

@@ -14,17 +14,19 @@ import re
 import h11
 import trio
 
-from sandboxd import __version__, files, search
-from sandboxd.auth import Gate, Verdict
-from sandboxd.config import Config
-from sandboxd.errors import (
+from sandboxd import __version__
+from sandboxd.core.config import Config
+from sandboxd.core.errors import (
     MethodNotAllowed,
     NotFound,
     SandboxdError,
     ServerShuttingDown,
 )
-from sandboxd.exec_ws import ExecConnection
-from sandboxd.httpio import (
+from sandboxd.endpoints import files, search
+from sandboxd.endpoints.exec_ws import ExecConnection
+from sandboxd.endpoints.sse import SseEndpoints
+from sandboxd.endpoints.tunnel import PortPolicy, serve_tunnel
+from sandboxd.http.asgi import (
     ClientGone,
     Handler,
     Receive,
@@ -37,9 +39,8 @@ from sandboxd.httpio import (
     respond_error,
     respond_json,
 )
-from sandboxd.sse import SseEndpoints
-from sandboxd.supervisor import Supervisor
-from sandboxd.tunnel import PortPolicy, serve_tunnel
+from sandboxd.http.auth import Gate, Verdict
+from sandboxd.runtime.supervisor import Supervisor
 
 log = logging.getLogger("sandboxd.server")
 

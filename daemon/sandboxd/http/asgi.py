@@ -10,7 +10,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from sandboxd.errors import InvalidRequest, PayloadTooLarge, SandboxdError
+from sandboxd.core.errors import InvalidRequest, PayloadTooLarge, SandboxdError
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

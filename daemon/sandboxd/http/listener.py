@@ -29,7 +29,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
-from sandboxd.httpio import error_body
+from sandboxd.http.asgi import error_body
 
 log = logging.getLogger("sandboxd.http")
 

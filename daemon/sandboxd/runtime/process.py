@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import psutil
 import trio
 
-from sandboxd.errors import InvalidRequest, SpawnFailed
-from sandboxd.session import ExitStatus
+from sandboxd.core.errors import InvalidRequest, SpawnFailed
+from sandboxd.core.session import ExitStatus
 
 #: Every catchable classic signal: their dispositions are reset to default in the child,
 #: so a daemon that ignores one (SIGPIPE, as Python does) does not pass that on.

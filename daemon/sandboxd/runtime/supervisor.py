@@ -22,14 +22,18 @@ from collections.abc import Callable, Iterable
 import psutil
 import trio
 
-from sandboxd import process
-from sandboxd.config import CHUNK_BYTES, Config
-from sandboxd.environment import clean_environment
-from sandboxd.errors import CommandNotFound, ServerShuttingDown, SessionExpired, TooManySessions
-from sandboxd.expired import ExpiredIds
-from sandboxd.messages import Execute, validate_execute
-from sandboxd.ringbuffer import BufferPool, ReadResult
-from sandboxd.session import (
+from sandboxd.core.config import CHUNK_BYTES, Config
+from sandboxd.core.environment import clean_environment
+from sandboxd.core.errors import (
+    CommandNotFound,
+    ServerShuttingDown,
+    SessionExpired,
+    TooManySessions,
+)
+from sandboxd.core.expired import ExpiredIds
+from sandboxd.core.messages import Execute, validate_execute
+from sandboxd.core.ringbuffer import BufferPool, ReadResult
+from sandboxd.core.session import (
     Attachment,
     EndReason,
     ExitStatus,
@@ -40,7 +44,8 @@ from sandboxd.session import (
     SessionState,
     Stream,
 )
-from sandboxd.utf8 import Utf8Sanitizer
+from sandboxd.core.utf8 import Utf8Sanitizer
+from sandboxd.runtime import process
 
 log = logging.getLogger("sandboxd.supervisor")
 

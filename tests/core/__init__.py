@@ -1,0 +1,1 @@
+"""Tests of ``sandboxd.core``, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of ``sandboxd.endpoints``, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of ``sandboxd.http``, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of ``sandboxd.runtime``, one file per module."""
