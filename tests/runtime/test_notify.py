@@ -97,7 +97,7 @@ def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: pathlib.Path) -> N
 
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing: `make test` installs it (Debian: systemd)"
-    units = pathlib.Path(__file__).parent.parent / "systemd"
+    units = pathlib.Path(__file__).parents[2] / "systemd"
     entry_point = pathlib.Path(sys.executable).parent / "sandboxd"
     for name in ("sandboxd.service", "sandboxd.socket"):
         text = (units / name).read_text().replace("/usr/local/bin/sandboxd", str(entry_point))
