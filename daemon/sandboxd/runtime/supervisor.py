@@ -331,9 +331,13 @@ class Supervisor:
 
     # ---- clients --------------------------------------------------------------------
 
-    def attach(self, live: LiveSession, stdout_offset: int, stderr_offset: int) -> Attachment:
-        """Attach a client at the given offsets."""
-        attachment = live.core.attach(trio.current_time(), stdout_offset, stderr_offset)
+    def attach(
+        self, live: LiveSession, stdout_offset: int, stderr_offset: int, *, watch: bool = False
+    ) -> Attachment:
+        """Attach a client (or, with ``watch``, a watcher) at the given offsets."""
+        attachment = live.core.attach(
+            trio.current_time(), stdout_offset, stderr_offset, watch=watch
+        )
         live.reschedule()
         return attachment
 
@@ -460,6 +464,7 @@ class Supervisor:
                     "state": core.state.value,
                     "pty": live.child.pty,
                     "clients": len(core.attachments),
+                    "watchers": len(core.watchers),
                     "stdout_bytes": core.stdout.end,
                     "stderr_bytes": core.stderr.end,
                     "stdout_retained": core.stdout.size,
