@@ -115,3 +115,12 @@ def test_a_watcher_may_signal_and_kill_but_not_write() -> None:
         error = read_only_refusal(refused)
         assert error is not None and error.error_type == "InvalidRequest"
         assert error.error.startswith("read-only attachment: ") and name in error.error
+
+
+def test_execute_takes_the_window_size_extension_within_bounds() -> None:
+    msg = decode_client('{"type":"execute","command":"x","pty":true,"cols":132,"rows":43}')
+    assert isinstance(msg, Execute) and (msg.cols, msg.rows) == (132, 43)
+    bare = decode_client('{"type":"execute","command":"x"}')
+    assert isinstance(bare, Execute) and (bare.cols, bare.rows) == (None, None)
+    with pytest.raises(InvalidRequest, match="cols"):
+        decode_client('{"type":"execute","command":"x","cols":0}')

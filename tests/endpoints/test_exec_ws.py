@@ -679,3 +679,9 @@ async def test_a_watcher_does_not_keep_an_idle_command_alive(daemon: Daemon) -> 
             await watcher.recv_until("started")
             exit_frame = await watcher.recv_until("exit")  # killed while it watched
     assert exit_frame["reason"] == "idle" and exit_frame["exit_code"] == 137
+
+
+async def test_a_pty_command_starts_with_the_window_size_sent_in_execute(daemon: Daemon) -> None:
+    with trio.fail_after(10):
+        t = await run_command(daemon.ws, "stty size", pty=True, cols=101, rows=37)
+    assert t.text("stdout").strip() == "37 101"

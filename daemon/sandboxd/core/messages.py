@@ -29,8 +29,15 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=False):
 # ---- client -> server -------------------------------------------------------------
 
 
+WindowSide = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
 class Execute(msgspec.Struct, tag="execute", tag_field="type"):
-    """Start a command, or attach to the one already known under ``command_id``."""
+    """Start a command, or attach to the one already known under ``command_id``.
+
+    ``cols`` and ``rows`` (a sandboxd extension the SDKs never send) give a PTY command
+    its window size from the start; without them it gets ``--pty-cols``/``--pty-rows``.
+    """
 
     command: str
     command_id: str | None = None
@@ -44,6 +51,8 @@ class Execute(msgspec.Struct, tag="execute", tag_field="type"):
     run_config: RunConfig | None = None
     close_stdin: bool = False
     pty: bool = False
+    cols: WindowSide | None = None
+    rows: WindowSide | None = None
 
 
 class Reconnect(msgspec.Struct, tag="reconnect", tag_field="type"):
@@ -83,8 +92,8 @@ class Signal(msgspec.Struct, tag="signal", tag_field="type"):
 class Resize(msgspec.Struct, tag="resize", tag_field="type"):
     """Set a PTY command's window size."""
 
-    cols: Annotated[int, msgspec.Meta(ge=1, le=65535)]
-    rows: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    cols: WindowSide
+    rows: WindowSide
 
 
 ClientMessage = Execute | Reconnect | Input | CloseStdin | Kill | Signal | Resize

@@ -325,8 +325,8 @@ class Supervisor:
             user=run_config.user if run_config else None,
             pty=msg.pty,
             close_stdin=msg.close_stdin,
-            cols=self.config.pty_cols,
-            rows=self.config.pty_rows,
+            cols=msg.cols or self.config.pty_cols,
+            rows=msg.rows or self.config.pty_rows,
         )
 
     # ---- clients --------------------------------------------------------------------
