@@ -1,4 +1,4 @@
-"""The command line: flags, environment twins, help, JSON logs, and a clean Ctrl-C."""
+"""The daemon's command line: flags, environment twins, help, JSON logs, and a clean Ctrl-C."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from sandboxd.cli import build_parser, parse_args
 from sandboxd.core.config import Config
+from sandboxd.server_cli import build_parser, parse_args
 
 
 def test_defaults_match_the_config_struct() -> None:
