@@ -200,8 +200,9 @@ class CommandStream:
             delay = min(delay * 2, MAX_BACKOFF)
 
     def frames(self, messages: list[str | bytes]) -> list[dict[str, Any]]:
-        """Decode ``messages`` and keep the offsets: each output chunk is returned with
-        only the bytes not yet delivered (``data`` then covers exactly those)."""
+        """Decode ``messages`` and move the offsets past all of them. Each output chunk
+        comes with ``bytes``, only those not yet delivered, and ``end``, its stream's
+        offset after it (``offsets`` is already past the whole batch)."""
         out: list[dict[str, Any]] = []
         for message in messages:
             try:
@@ -222,7 +223,8 @@ class CommandStream:
                 if offset < cursor:
                     data = data[cursor - offset :]
                 frame["bytes"] = data
-                setattr(self.offsets, kind, offset + len(frame["bytes"]))
+                frame["end"] = offset + len(frame["bytes"])
+                setattr(self.offsets, kind, frame["end"])
             elif kind == "gap":
                 stream = frame.get("stream")
                 if stream in ("stdout", "stderr"):

@@ -154,6 +154,7 @@ class Tunnel:
         stream = _Stream(self.next_id)
         self.next_id += 2
         self.streams[stream.id] = stream
+        fin_sent = False
         try:
             async with local:
                 await self.send(yamux.encode(FrameType.WINDOW_UPDATE, Flag.SYN, stream.id, 0))
@@ -171,11 +172,13 @@ class Tunnel:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._to_local, stream, local, nursery.cancel_scope)
                     await self._from_local(stream, local)
+                    fin_sent = True  # the local side's EOF half-closes the remote one
+                    await self.send(yamux.data(stream.id, b"", Flag.FIN))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self.streams.pop(stream.id, None)
-            if not self.dead.is_set():
+            if not self.dead.is_set() and not fin_sent:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.send(yamux.data(stream.id, b"", Flag.FIN))
 

@@ -69,7 +69,7 @@ class Follower:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._matcher = DetachMatcher(mode.detach_keys if mode.tty else b"")
         self._stdin_open = mode.stdin
-        self._stdin_paused = False
+        self._stdin_registered = False
 
     def run(self) -> int:
         wake_read, wake_write = socket.socketpair()
@@ -114,8 +114,6 @@ class Follower:
     def _loop(self, wake: socket.socket) -> int:
         ws = self.stream.open()
         self.selector.register(ws.sock, selectors.EVENT_READ, "ws")
-        if self._stdin_open:
-            self.selector.register(0, selectors.EVENT_READ, "stdin")
         while True:
             assert self.stream.ws is not None
             code = self._handle(self.stream.ws.buffered())
@@ -152,16 +150,13 @@ class Follower:
                             return False
                         self._signals.clear()
                     elif key.data == "stdin":
-                        self.selector.unregister(0)  # left unread until reattached
-                        self._stdin_paused = True
+                        self.selector.unregister(0)  # left unread until reattached:
+                        self._stdin_registered = False  # the next started resumes it
             return True
 
-        self._stdin_paused = False
         self.stream.reopen(wait)
         assert self.stream.ws is not None
         self.selector.register(self.stream.ws.sock, selectors.EVENT_READ, "ws")
-        if self._stdin_paused and self._stdin_open:
-            self.selector.register(0, selectors.EVENT_READ, "stdin")
 
     @staticmethod
     def _drain(wake: socket.socket) -> None:
@@ -190,6 +185,11 @@ class Follower:
         return None
 
     def _on_started(self) -> None:
+        # Input is read only once the command is bound: a frame sent earlier could be
+        # applied out of order by the daemon (held frames vs. frames racing the bind).
+        if self._stdin_open and not self._stdin_registered:
+            self.selector.register(0, selectors.EVENT_READ, "stdin")
+            self._stdin_registered = True
         if self.mode.tty and not self.mode.read_only and self.stream.execute is None:
             self._send_window_size()  # an attach: make the program redraw at our size
 

@@ -101,17 +101,22 @@ def logs(
     stream = CommandStream(endpoint, command_id, watch=True)
     lines = _Tail(tail) if tail is not None else None
     live = False
+    seen = {"stdout": 0, "stderr": 0}
     try:
         for frame in stream.iterate():
             kind = frame.get("type")
-            offsets = stream.offsets
-            if kind in ("stdout", "stderr") and kind in streams:
+            if kind in ("stdout", "stderr"):
+                seen[kind] = frame["end"]
                 fd = 1 if kind == "stdout" else 2
-                if lines is not None and not live:
+                if kind not in streams:
+                    pass
+                elif lines is not None and not live:
                     lines.add(fd, frame["bytes"])
                 else:
                     write_all(fd, frame["bytes"])
-            if not live and offsets.stdout >= stop["stdout"] and offsets.stderr >= stop["stderr"]:
+            elif kind == "gap":
+                seen[frame["stream"]] = max(seen[frame["stream"]], int(frame["to"]))
+            if not live and seen["stdout"] >= stop["stdout"] and seen["stderr"] >= stop["stderr"]:
                 if lines is not None:
                     lines.flush()
                 if not follow:
