@@ -224,7 +224,9 @@ def dispatch(args: argparse.Namespace) -> int:
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if not argv:
             raise CliError("exec needs a command: sandboxd exec [OPTIONS] -- CMD [ARG...]")
-        return _exec(endpoint, args, shlex.join(argv), args.interactive, args.tty, args.detach)
+        # `exec`: the shell becomes the program, so signals and the exit status are its own.
+        command = "exec " + shlex.join(argv)
+        return _exec(endpoint, args, command, args.interactive, args.tty, args.detach)
     if verb == "shell":
         return _exec(endpoint, args, SHELL_COMMAND, True, True, False)
     if verb == "attach":
