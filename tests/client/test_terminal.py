@@ -177,3 +177,32 @@ def test_t_without_a_terminal_warns_and_runs_without_it(sandboxd: DaemonProcess)
         env=cli_env(sandboxd.url),
     )
     assert done.stdout == b"notty\n" and b"not a TTY" in done.stderr
+
+
+def test_shell_is_an_interactive_login_shell_with_its_exit_status(
+    sandboxd: DaemonProcess,
+) -> None:
+    child = spawn(sandboxd.url, "shell")
+    child.send("echo $((6*7)); tty\r")
+    child.expect("42")
+    child.expect("/dev/pts/")
+    child.send("exit 5\r")
+    assert finish(child) == 5
+
+
+def test_a_read_only_attach_sees_output_and_ctrl_c_only_detaches(
+    sandboxd: DaemonProcess,
+) -> None:
+    command_id = uuid.uuid4().hex
+    loop = "i=0; while :; do i=$((i+1)); echo R$i; sleep 0.05; done"
+    runner = spawn(sandboxd.url, f"exec -d --id {command_id} -- sh -c {shlex.quote(loop)}")
+    assert finish(runner) == 0
+    watcher = spawn(sandboxd.url, f"attach --read-only {command_id}")
+    watcher.expect("R10\r\n")
+    watcher.sendintr()
+    watcher.expect("detached from")
+    assert finish(watcher) == 0
+    tail = spawn(sandboxd.url, f"logs -n 1 {command_id}")
+    tail.expect(r"R\d+")  # still running: the watcher's Ctrl-C did not reach it
+    assert finish(tail) == 0
+    assert finish(spawn(sandboxd.url, f"kill {command_id}")) == 0
