@@ -145,6 +145,18 @@ class Bench:
         self.row("start latency p50", "ms", ours_ms, theirs_ms, "lower is better")
         self.row("start latency p99", "ms", ours_ms, theirs_ms, "lower is better", key="p99")
 
+    async def cli_exec(self, sandboxd: Server) -> None:
+        """Wall time of the real ``sandboxd exec -- true`` process, interpreter start
+        included (the CLI's budget is 150 ms on loopback)."""
+        script = Path(sys.executable).parent / "sandboxd"
+        program = [str(script)] if script.exists() else [sys.executable, "-m", "sandboxd"]
+        env = {**os.environ, "SANDBOXD_URL": f"http://127.0.0.1:{sandboxd.port}"}
+        runs = 5 if self.quick else 20
+        walls = await asyncio.to_thread(_time_runs, [*program, "exec", "--", "true"], env, runs)
+        ms = summary(walls)
+        self.results["cli_exec_true"] = {"wall_ms": ms}
+        self.row("CLI `sandboxd exec -- true` wall", "ms", ms, None, "lower is better")
+
     async def throughput(self, sandboxd: Server, name: str, command: str, lines: bool) -> None:
         runs = 1 if self.quick else 3
         ours, ours_cpu, theirs, theirs_cpu = await self.both(sandboxd, command, runs, lines=lines)
@@ -427,6 +439,18 @@ async def _start_and_leave(port: int, command: str) -> None:
         assert started["type"] == "started", started
 
 
+def _time_runs(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
+    """Wall milliseconds of ``runs`` runs of ``argv``, each of which must exit 0."""
+    walls = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        done = subprocess.run(argv, env=env, check=False)
+        walls.append((time.perf_counter() - start) * 1000)
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} exited {done.returncode}")
+    return walls
+
+
 def _plain_pty_read(command: str, size: int) -> float:
     """MB/s of reading ``command``'s output straight from a PTY master in Python."""
     master, slave = pty.openpty()
@@ -461,6 +485,7 @@ async def main(argv: list[str]) -> int:
     sandboxd = start_sandboxd(*sandboxd_args)
     steps: dict[str, Callable[[], Awaitable[None]]] = {
         "latency": lambda: bench.start_latency(sandboxd),
+        "cli": lambda: bench.cli_exec(sandboxd),
         "throughput": lambda: bench.throughput(
             sandboxd,
             "throughput",

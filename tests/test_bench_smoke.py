@@ -24,6 +24,7 @@ def test_every_workload_runs_and_verifies_in_quick_mode() -> None:
     table = done.stdout
     for workload in (
         "start latency p50",
+        "CLI `sandboxd exec -- true` wall",
         "throughput",
         "lines_76",
         "10 clients: commands/s (failures 0)",

@@ -1,0 +1,1 @@
+"""Tests of the ``sandboxd VERB`` client (daemon/sandboxd/client/)."""
