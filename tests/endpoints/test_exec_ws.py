@@ -500,17 +500,22 @@ async def test_unknown_paths_and_stopping_daemon_refuse_upgrades_with_a_detail_b
     assert json.loads(refused.body or b"")["detail"]["error"] == "ServerShuttingDown"
 
 
-async def test_shutdown_closes_attached_sockets_with_1001_after_started() -> None:  # item 33
+async def test_a_stop_gives_attached_sockets_exit_then_1000_and_never_1001_before_started() -> None:
+    # item 33 (1001 after `started`: test_shutdown_sends_1001_to_a_client_still_reading_...)
     async with running_daemon(stop_grace=0.5) as daemon, exec_socket(daemon.ws) as client:
         with trio.fail_after(10):
             await client.start(command="trap 'echo bye; exit 3' TERM; echo ready; sleep 60 & wait")
             await client.recv_until("stdout")  # the trap is set
-            daemon.running.stop.set()
-            t = await client.collect()
+            async with open_ws(daemon.ws) as (unbound, _):  # upgraded, nothing sent yet
+                daemon.running.stop.set()
+                t = await client.collect()
+                with pytest.raises(ConnectionClosed) as closed:
+                    await unbound.get_message()
     assert t.types[0] == "started"
     assert t.text("stdout") == "ready\nbye\n"
-    assert t.terminal["exit_code"] == 3
-    assert t.close_code in (1000, 1001)
+    assert t.terminal["exit_code"] == 3 and t.terminal["reason"] == "exited"
+    assert t.close_code == 1000  # a normal close after the exit: the SDKs return the result
+    assert closed.value.reason.code == 1000  # before `started`: the SDKs re-send the execute
 
 
 async def test_bad_frames_get_an_invalid_request_error_and_the_command_lives_on(
