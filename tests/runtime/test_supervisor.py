@@ -17,7 +17,7 @@ import trio
 
 from sandboxd.core.config import Config
 from sandboxd.core.errors import CommandNotFound, SessionExpired
-from sandboxd.core.messages import Execute
+from sandboxd.core.messages import Execute, Exit
 from sandboxd.core.session import ExitStatus, SessionState
 from sandboxd.runtime import process
 from sandboxd.runtime.supervisor import STDIN_BUFFER_CAP, Supervisor
@@ -41,6 +41,9 @@ class FakeChildren:
     next_pid: int = 10_000_000  # beyond pid_max: never a real process
     #: the read end of each child's stdin, when spawned with ``close_stdin=False``
     stdin: dict[int, int] = field(default_factory=dict)
+    #: every signal sent, (pid, signal, when); a fake dies of any but those it ignores
+    signals: list[tuple[int, int, float]] = field(default_factory=list)
+    ignores: set[tuple[int, int]] = field(default_factory=set)  # (pid, signal)
 
     def spawn(self, request: process.SpawnRequest) -> process.Child:
         out_r, out_w = os.pipe()
@@ -61,6 +64,9 @@ class FakeChildren:
         self.reaper._owners.pop(pid)(status)
 
     def kill_tree(self, pid: int, signo: int, command_id: str | None = None) -> None:
+        self.signals.append((pid, signo, trio.current_time()))
+        if (pid, signo) in self.ignores:
+            return
         self.kills.append((pid, trio.current_time()))
         if pid in self.writers:
             self.exit(pid, ExitStatus(128 + signo, signo))
@@ -181,6 +187,27 @@ async def test_get_or_create_with_a_known_id_never_spawns_again(
     assert created and not created_again and first is again
     assert len(children.writers) == 1
     children.kill_tree(first.child.pid, signal.SIGKILL)
+
+
+async def test_a_stop_sends_term_then_kill_after_the_grace_and_reports_reason_shutdown(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    stubborn, _ = await supervisor.get_or_create(execute(command_id="stubborn", timeout_seconds=0))
+    polite, _ = await supervisor.get_or_create(execute(command_id="polite", timeout_seconds=0))
+    children.ignores.add((stubborn.child.pid, signal.SIGTERM))
+    start = trio.current_time()
+    await supervisor.stop_all(grace=10)
+    sent = sorted((pid, at - start, signo) for pid, signo, at in children.signals)
+    assert sent == [
+        (stubborn.child.pid, 0, signal.SIGTERM),
+        (stubborn.child.pid, 10, signal.SIGKILL),  # --stop-grace after the TERM
+        (polite.child.pid, 0, signal.SIGTERM),
+    ]
+    for live, signo in ((stubborn, signal.SIGKILL), (polite, signal.SIGTERM)):
+        assert live.status == ExitStatus(128 + signo, signo)
+        terminal = live.core.terminal_message()
+        assert isinstance(terminal, Exit) and terminal.reason == "shutdown"
 
 
 async def test_past_1_mib_of_queued_stdin_the_sender_waits_and_then_loses_nothing(
