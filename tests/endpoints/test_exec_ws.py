@@ -14,7 +14,16 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tests.helpers import Daemon, exec_socket, open_ws, rejection, run_command, running_daemon
+from tests.helpers import (
+    Daemon,
+    ExecClient,
+    Transcript,
+    exec_socket,
+    open_ws,
+    rejection,
+    run_command,
+    running_daemon,
+)
 
 
 def new_id() -> str:
@@ -93,6 +102,43 @@ async def test_a_50_mb_burst_arrives_whole_in_frames_under_one_mib(daemon: Daemo
     t.assert_contiguous()
     assert len(t.text("stdout")) == 50_000_000
     assert t.terminal["exit_code"] == 0
+
+
+async def _execute_at(
+    go: trio.Event, client: ExecClient, frame: dict[str, object], into: list[Transcript]
+) -> None:
+    await go.wait()
+    await client.send(type="execute", close_stdin=True, **frame)
+    into.append(await client.collect())
+
+
+async def test_two_executes_with_one_id_at_the_same_instant_spawn_once(
+    daemon: Daemon, tmp_path: object
+) -> None:
+    # protocol.md §2.7.1: get-or-create. The second socket is answered like a reconnect
+    # at 0/0: `started` with the same id and pid, all the output, the same exit.
+    rounds = 25
+    with trio.fail_after(60):
+        for round_ in range(rounds):
+            command_id = new_id()
+            log = f"{tmp_path}/spawns-{round_}"
+            frame = {"command": f"echo spawned >> {log}; echo out", "command_id": command_id}
+            transcripts: list[Transcript] = []
+            async with exec_socket(daemon.ws) as one, exec_socket(daemon.ws) as two:
+                go = trio.Event()
+                async with trio.open_nursery() as nursery:
+                    for client in (one, two):
+                        nursery.start_soon(_execute_at, go, client, frame, transcripts)
+                    await trio.sleep(0.01)
+                    go.set()  # both tasks are waiting: they send in the same scheduler tick
+            with open(log) as spawns:
+                assert spawns.read() == "spawned\n", round_
+            first, second = transcripts
+            assert first.frames[0] == second.frames[0]  # started: same id, same pid
+            assert first.frames[0]["command_id"] == command_id
+            for t in transcripts:
+                assert t.text("stdout") == "out\n" and t.terminal["exit_code"] == 0
+                assert t.close_code == 1000
 
 
 async def test_timeout_kills_the_group_and_reports_command_timeout(daemon: Daemon) -> None:
