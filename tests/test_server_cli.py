@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -138,3 +139,37 @@ def test_a_client_that_never_reads_cannot_keep_the_daemon_from_stopping() -> Non
         assert code == 0, rest
     assert took < 20
     assert any(entry["msg"] in ("stopped", "graceful stop overran; exiting now") for entry in rest)
+
+
+def _lines_until_listening(argv: list[str], environ: dict[str, str]) -> list[dict[str, object]]:
+    """The daemon's log lines up to and including "listening"; then it is stopped."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandboxd", *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**clean, **environ},
+    )
+    assert proc.stderr is not None
+    lines: list[dict[str, object]] = []
+    with proc.stderr:
+        while not lines or lines[-1]["msg"] != "listening":
+            line = proc.stderr.readline()
+            assert line, lines  # the daemon ended before listening
+            lines.append(json.loads(line))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    return lines
+
+
+def test_listening_off_loopback_without_a_token_is_warned_about_at_start() -> None:
+    bare = _lines_until_listening(["--listen", "0.0.0.0:0"], {})
+    with_token = _lines_until_listening(["--listen", "0.0.0.0:0"], {"SANDBOXD_TOKEN": "t0k3n"})
+    loopback = _lines_until_listening(["--listen", "127.0.0.1:0"], {})
+    warnings = [line for line in bare if line["level"] == "warning"]
+    assert [line["msg"] for line in warnings] == [
+        "no --token on a non-loopback address: anyone who can reach the port can run "
+        "commands as this user"
+    ]
+    assert warnings[0]["listen"] == "0.0.0.0:0"
+    assert [line for line in with_token + loopback if line["level"] == "warning"] == []

@@ -14,11 +14,32 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tests.helpers import Daemon, exec_socket, open_ws, rejection, run_command, running_daemon
+from tests.helpers import (
+    Daemon,
+    ExecClient,
+    Transcript,
+    exec_socket,
+    open_ws,
+    rejection,
+    run_command,
+    running_daemon,
+)
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+async def gone(pid: int, within: float = 5.0) -> None:
+    """Wait until ``pid`` has ended (gone, or a zombie waiting for its reaper)."""
+    with trio.fail_after(within):
+        while True:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.NoSuchProcess:
+                return
+            await trio.sleep(0.05)
 
 
 async def test_started_comes_first_with_the_given_id_then_output_exit_and_close_1000(
@@ -83,12 +104,51 @@ async def test_a_50_mb_burst_arrives_whole_in_frames_under_one_mib(daemon: Daemo
     assert t.terminal["exit_code"] == 0
 
 
+async def _execute_at(
+    go: trio.Event, client: ExecClient, frame: dict[str, object], into: list[Transcript]
+) -> None:
+    await go.wait()
+    await client.send(type="execute", close_stdin=True, **frame)
+    into.append(await client.collect())
+
+
+async def test_two_executes_with_one_id_at_the_same_instant_spawn_once(
+    daemon: Daemon, tmp_path: object
+) -> None:
+    # protocol.md §2.7.1: get-or-create. The second socket is answered like a reconnect
+    # at 0/0: `started` with the same id and pid, all the output, the same exit.
+    rounds = 25
+    with trio.fail_after(60):
+        for round_ in range(rounds):
+            command_id = new_id()
+            log = f"{tmp_path}/spawns-{round_}"
+            frame = {"command": f"echo spawned >> {log}; echo out", "command_id": command_id}
+            transcripts: list[Transcript] = []
+            async with exec_socket(daemon.ws) as one, exec_socket(daemon.ws) as two:
+                go = trio.Event()
+                async with trio.open_nursery() as nursery:
+                    for client in (one, two):
+                        nursery.start_soon(_execute_at, go, client, frame, transcripts)
+                    await trio.sleep(0.01)
+                    go.set()  # both tasks are waiting: they send in the same scheduler tick
+            with open(log) as spawns:
+                assert spawns.read() == "spawned\n", round_
+            first, second = transcripts
+            assert first.frames[0] == second.frames[0]  # started: same id, same pid
+            assert first.frames[0]["command_id"] == command_id
+            for t in transcripts:
+                assert t.text("stdout") == "out\n" and t.terminal["exit_code"] == 0
+                assert t.close_code == 1000
+
+
 async def test_timeout_kills_the_group_and_reports_command_timeout(daemon: Daemon) -> None:
     # item 10
     with trio.fail_after(10):
         start = trio.current_time()
-        t = await run_command(daemon.ws, "sleep 30 & sleep 30", timeout_seconds=1)
+        t = await run_command(daemon.ws, "sleep 30 & echo $!; sleep 30", timeout_seconds=1)
         elapsed = trio.current_time() - start
+        await gone(t.frames[0]["pid"])  # the leader
+        await gone(int(t.text("stdout")))  # and the rest of its group
     assert t.terminal == {
         "type": "error",
         "error_type": "CommandTimeout",
@@ -96,8 +156,6 @@ async def test_timeout_kills_the_group_and_reports_command_timeout(daemon: Daemo
     }
     assert "exit" not in t.types
     assert 1 <= elapsed < 2.5
-    pid = t.frames[0]["pid"]
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 async def test_timeout_zero_sets_no_deadline(daemon: Daemon) -> None:  # item 11
@@ -138,9 +196,7 @@ async def test_kill_takes_the_whole_group_and_readers_get_a_nonzero_exit(
     assert t.terminal["type"] == "exit"
     assert t.terminal["exit_code"] == 137
     assert t.terminal["signal"] == "KILL" and t.terminal["reason"] == "killed"
-    with trio.fail_after(5):
-        while psutil.pid_exists(grandchild) and psutil.Process(grandchild).status() != "zombie":
-            await trio.sleep(0.05)
+    await gone(grandchild)
 
 
 async def test_kill_then_abrupt_drop_still_kills_and_the_daemon_keeps_serving(
@@ -170,9 +226,8 @@ async def test_pty_is_a_controlling_tty_merges_stderr_and_eot_ends_cat(daemon: D
             "stty size; echo $TERM; tty >/dev/null && echo ctty",
             pty=True,
         )
-    out = t.text("stdout")
-    assert "tty\r\n" in out and "to-stderr\r\n" in out and "ctty\r\n" in out
-    assert "24 80\r\n" in out and "xterm-256color" in out
+    lines = t.text("stdout").split("\r\n")
+    assert lines == ["tty", "to-stderr", "24 80", "xterm-256color", "ctty", ""]
     assert "stderr" not in t.types
     with trio.fail_after(10):
         async with exec_socket(daemon.ws) as client:
@@ -481,8 +536,10 @@ async def test_upgrade_is_accepted_with_any_header_spelling_and_deflate_offer(
     ]
     with trio.fail_after(10):
         async with open_ws(daemon.ws, headers) as (ws, _):
+            answer = {name.lower(): value for name, value in ws.handshake_headers}
             await ws.send_message(json.dumps({"type": "execute", "command": "echo ok"}))
             assert json.loads(await ws.get_message())["type"] == "started"
+    assert b"sec-websocket-extensions" not in answer  # deflate declined (no --ws-compression)
 
 
 async def test_unknown_paths_and_stopping_daemon_refuse_upgrades_with_a_detail_body() -> None:
@@ -500,17 +557,22 @@ async def test_unknown_paths_and_stopping_daemon_refuse_upgrades_with_a_detail_b
     assert json.loads(refused.body or b"")["detail"]["error"] == "ServerShuttingDown"
 
 
-async def test_shutdown_closes_attached_sockets_with_1001_after_started() -> None:  # item 33
+async def test_a_stop_gives_attached_sockets_exit_then_1000_and_never_1001_before_started() -> None:
+    # item 33 (1001 after `started`: test_shutdown_sends_1001_to_a_client_still_reading_...)
     async with running_daemon(stop_grace=0.5) as daemon, exec_socket(daemon.ws) as client:
         with trio.fail_after(10):
             await client.start(command="trap 'echo bye; exit 3' TERM; echo ready; sleep 60 & wait")
             await client.recv_until("stdout")  # the trap is set
-            daemon.running.stop.set()
-            t = await client.collect()
+            async with open_ws(daemon.ws) as (unbound, _):  # upgraded, nothing sent yet
+                daemon.running.stop.set()
+                t = await client.collect()
+                with pytest.raises(ConnectionClosed) as closed:
+                    await unbound.get_message()
     assert t.types[0] == "started"
     assert t.text("stdout") == "ready\nbye\n"
-    assert t.terminal["exit_code"] == 3
-    assert t.close_code in (1000, 1001)
+    assert t.terminal["exit_code"] == 3 and t.terminal["reason"] == "exited"
+    assert t.close_code == 1000  # a normal close after the exit: the SDKs return the result
+    assert closed.value.reason.code == 1000  # before `started`: the SDKs re-send the execute
 
 
 async def test_bad_frames_get_an_invalid_request_error_and_the_command_lives_on(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import stat
 from urllib.parse import quote
 
 import psutil
@@ -36,6 +37,27 @@ async def test_upload_writes_exact_bytes_creates_parents_and_overwrites(
         assert await upload(daemon, str(target), b"short") == 200
     assert target.read_bytes() == b"short"
     assert [p.name for p in target.parent.iterdir()] == ["f.bin"]  # no temp file left
+
+
+async def test_a_new_file_is_0644_and_an_overwrite_keeps_mode_and_owner(
+    daemon: Daemon, tmp_path: pathlib.Path
+) -> None:
+    new, old = tmp_path / "new.txt", tmp_path / "old.sh"
+    old.write_bytes(b"before")
+    old.chmod(0o750)
+    nobody = 65534
+    os.chown(old, nobody, nobody)  # (the tests run as root)
+    mask = os.umask(0o077)  # 0644 whatever the daemon's umask
+    try:
+        with trio.fail_after(10):
+            assert await upload(daemon, str(new), b"fresh") == 200
+            assert await upload(daemon, str(old), b"after") == 200
+    finally:
+        os.umask(mask)
+    made, kept = new.stat(), old.stat()
+    assert stat.S_IMODE(made.st_mode) == 0o644
+    assert (stat.S_IMODE(kept.st_mode), kept.st_uid, kept.st_gid) == (0o750, nobody, nobody)
+    assert old.read_bytes() == b"after" and new.read_bytes() == b"fresh"
 
 
 async def test_relative_paths_land_under_home(tmp_path: pathlib.Path) -> None:

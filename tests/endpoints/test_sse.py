@@ -186,3 +186,27 @@ async def test_blocking_execute_returns_output_and_code(daemon: Daemon) -> None:
         "exit_code": 2,
     }
     assert timed_status == 408 and json.loads(timed_body)["detail"]["error"] == "CommandTimeout"
+
+
+async def test_blocking_execute_collects_64_mib_per_stream_and_answers_413_past_it(
+    daemon: Daemon,
+) -> None:
+    limit = 64 * 1024 * 1024
+    with trio.fail_after(120):
+        exact_status, exact_body, _ = await post(
+            daemon, "/execute", {"command": f"head -c {limit} /dev/zero | tr '\\0' a >&2"}
+        )
+        over_status, over_body, _ = await post(
+            daemon, "/execute", {"command": f"head -c {limit + 1} /dev/zero | tr '\\0' a"}
+        )
+        endless_status, _, _ = await post(daemon, "/execute", {"command": "yes"})
+        while daemon.running.supervisor.sessions:  # the endless command was killed
+            await trio.sleep(0.05)
+    exact = json.loads(exact_body)
+    assert exact_status == 200 and exact["exit_code"] == 0
+    assert exact["stderr"] == "a" * limit and exact["stdout"] == ""
+    assert over_status == 413 and endless_status == 413
+    detail = json.loads(over_body)["detail"]
+    assert (
+        detail["error"] == "PayloadTooLarge" and f"stdout passed {limit} bytes" in detail["message"]
+    )

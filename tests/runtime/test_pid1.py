@@ -146,6 +146,45 @@ async def test_escapees_are_gone_after_a_kill(spawned: Spawned) -> None:
             await trio.sleep(0.05)
 
 
+def _tagged_sleepers(command_id: str) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.process_iter(["name", "environ"])
+        if p.info["name"] == "sleep"
+        and (p.info["environ"] or {}).get("SANDBOXD_COMMAND_ID") == command_id
+    ]
+
+
+async def test_a_stop_kills_a_command_ignoring_term_after_the_grace_and_its_escapees(
+    spawned: Spawned,
+) -> None:
+    # TERM is ignored by the command and everything it starts (SIG_IGN survives exec),
+    # the escapees included: only the SIGKILL after --stop-grace (1 s here) ends them.
+    with trio.fail_after(30):
+        async with exec_socket(spawned.ws) as client:
+            await client.start(
+                command="trap '' TERM; setsid sleep 1000 & "
+                "(setsid sh -c 'sleep 1000 & echo $!' &) ; echo ready; sleep 1000"
+            )
+            await client.recv_until_text("stdout", "ready")
+            await trio.sleep(0.3)
+            sleepers = _tagged_sleepers(client.transcript.frames[0]["command_id"])
+            # the command's own sleep, and two in sessions of their own (escapees)
+            assert len(sleepers) == 3 and len({os.getsid(p.pid) for p in sleepers}) == 3
+            signalled = trio.current_time()
+            spawned.daemon.send_signal(signal.SIGTERM)
+            exit_frame = await client.recv_until("exit")
+            waited = trio.current_time() - signalled
+            alive = [p.pid for p in sleepers if p.is_running() and p.status() != "zombie"]
+            t = await client.collect()
+    code, _ = await trio.to_thread.run_sync(_finish, spawned)
+    assert exit_frame["exit_code"] == 137 and exit_frame["signal"] == "KILL"
+    assert exit_frame["reason"] == "shutdown"
+    assert waited >= 0.9  # not before --stop-grace
+    assert alive == []
+    assert t.close_code == 1000 and code == 0
+
+
 async def test_500_exit_statuses_stay_exact_while_orphans_churn(spawned: Spawned) -> None:
     import random
 

@@ -124,16 +124,21 @@ async def test_exec_errors_inside_the_shell_are_126_and_127(tmp_path: pathlib.Pa
     assert (missing.code, not_exec.code) == (127, 126)
 
 
-def test_a_missing_shell_or_work_dir_or_user_is_a_spawn_failure() -> None:
+def test_a_missing_shell_or_work_dir_or_user_is_a_spawn_failure(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir("/")  # the daemon's own cwd (cli.py), which spawns step out of and back to
     with pytest.raises(SpawnFailed, match="cannot run"):
-        process.spawn(request("true", argv=["/no/shell", "-c", "true"]))
+        # the work dir exists, so the spawn is already inside it when the exec fails
+        process.spawn(request("true", argv=["/no/shell", "-c", "true"], cwd=str(tmp_path)))
+    assert os.getcwd() == "/"  # the daemon's own cwd is restored after a failed exec
     with pytest.raises(SpawnFailed, match="work dir"):
         process.spawn(request("true", cwd="/no/such/dir"))
     with pytest.raises(SpawnFailed, match="unknown user"):
         process.spawn(request("true", user="no-such-user-x"))
     with pytest.raises(InvalidRequest):
         process.spawn(request("true", user=":0"))
-    assert os.getcwd() == os.getcwd()  # the daemon's own cwd is restored
+    assert os.getcwd() == "/"
 
 
 async def test_children_get_only_fds_0_to_2_and_default_signal_state() -> None:

@@ -17,10 +17,10 @@ import trio
 
 from sandboxd.core.config import Config
 from sandboxd.core.errors import CommandNotFound, SessionExpired
-from sandboxd.core.messages import Execute
+from sandboxd.core.messages import Execute, Exit
 from sandboxd.core.session import ExitStatus, SessionState
 from sandboxd.runtime import process
-from sandboxd.runtime.supervisor import Supervisor
+from sandboxd.runtime.supervisor import STDIN_BUFFER_CAP, Supervisor
 
 
 class FakeReaper(process.Reaper):
@@ -39,13 +39,21 @@ class FakeChildren:
     writers: dict[int, list[int]] = field(default_factory=dict)
     kills: list[tuple[int, float]] = field(default_factory=list)
     next_pid: int = 10_000_000  # beyond pid_max: never a real process
+    #: the read end of each child's stdin, when spawned with ``close_stdin=False``
+    stdin: dict[int, int] = field(default_factory=dict)
+    #: every signal sent, (pid, signal, when); a fake dies of any but those it ignores
+    signals: list[tuple[int, int, float]] = field(default_factory=list)
+    ignores: set[tuple[int, int]] = field(default_factory=set)  # (pid, signal)
 
     def spawn(self, request: process.SpawnRequest) -> process.Child:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         self.next_pid += 1
         self.writers[self.next_pid] = [out_w, err_w]
-        return process.Child(self.next_pid, out_r, err_r, None, False)
+        in_w = None
+        if not request.close_stdin:
+            self.stdin[self.next_pid], in_w = os.pipe()
+        return process.Child(self.next_pid, out_r, err_r, in_w, False)
 
     def write(self, pid: int, data: bytes) -> None:
         os.write(self.writers[pid][0], data)
@@ -56,6 +64,9 @@ class FakeChildren:
         self.reaper._owners.pop(pid)(status)
 
     def kill_tree(self, pid: int, signo: int, command_id: str | None = None) -> None:
+        self.signals.append((pid, signo, trio.current_time()))
+        if (pid, signo) in self.ignores:
+            return
         self.kills.append((pid, trio.current_time()))
         if pid in self.writers:
             self.exit(pid, ExitStatus(128 + signo, signo))
@@ -204,4 +215,65 @@ async def test_sessions_report_watchers_apart_from_clients(
     assert (row["clients"], row["watchers"]) == (1, 2)
     for attachment in [client, *watchers]:
         supervisor.detach(live, attachment)
+
+
+async def test_a_stop_sends_term_then_kill_after_the_grace_and_reports_reason_shutdown(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    stubborn, _ = await supervisor.get_or_create(execute(command_id="stubborn", timeout_seconds=0))
+    polite, _ = await supervisor.get_or_create(execute(command_id="polite", timeout_seconds=0))
+    children.ignores.add((stubborn.child.pid, signal.SIGTERM))
+    start = trio.current_time()
+    await supervisor.stop_all(grace=10)
+    sent = sorted((pid, at - start, signo) for pid, signo, at in children.signals)
+    assert sent == [
+        (stubborn.child.pid, 0, signal.SIGTERM),
+        (stubborn.child.pid, 10, signal.SIGKILL),  # --stop-grace after the TERM
+        (polite.child.pid, 0, signal.SIGTERM),
+    ]
+    for live, signo in ((stubborn, signal.SIGKILL), (polite, signal.SIGTERM)):
+        assert live.status == ExitStatus(128 + signo, signo)
+        terminal = live.core.terminal_message()
+        assert isinstance(terminal, Exit) and terminal.reason == "shutdown"
+
+
+async def test_past_1_mib_of_queued_stdin_the_sender_waits_and_then_loses_nothing(
+    fakes: tuple[Supervisor, FakeChildren],
+) -> None:
+    # README, limits: "queued stdin per command: 1 MiB; past it the sender waits". The
+    # fake child does not read its stdin until the sender has been made to wait.
+    assert STDIN_BUFFER_CAP == 1024 * 1024  # the documented number
+    supervisor, children = fakes
+    live, _ = await supervisor.get_or_create(execute(close_stdin=False, timeout_seconds=0))
+    piece = b"i" * 65536
+    pieces = 3 * STDIN_BUFFER_CAP // len(piece)
+    accepted = 0
+    received = 0
+
+    async def send_everything() -> None:
+        nonlocal accepted
+        for _ in range(pieces):
+            await live.queue_input(piece)
+            accepted += len(piece)
+        live.close_input()  # EOF once everything queued is written
+
+    async def read_everything() -> None:
+        nonlocal received
+        stream = trio.lowlevel.FdStream(children.stdin[live.child.pid])
+        while data := await stream.receive_some(65536):
+            assert data == b"i" * len(data)
+            received += len(data)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_everything)
+            seen = -1
+            while accepted != seen:  # until the sender makes no progress for 0.5 s
+                seen = accepted
+                await trio.sleep(0.5)
+            # Held by the daemon: the queue, one write in flight, and the stdin pipe (64 KiB).
+            assert STDIN_BUFFER_CAP <= accepted <= STDIN_BUFFER_CAP + 65536 + 2 * len(piece)
+            nursery.start_soon(read_everything)  # the child reads: the sender goes on
+    assert accepted == received == pieces * len(piece)
     children.kill_tree(live.child.pid, signal.SIGKILL)

@@ -8,12 +8,14 @@ timeouts, and each command carries its own ``timeout``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import subprocess
 import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 from langsmith.sandbox import (
     CommandTimeoutError,
@@ -71,13 +73,17 @@ def test_handle_streams_takes_input_and_closes_input(sandbox: Sandbox) -> None:
 
 
 def test_kill_ends_the_command_and_its_children(sandbox: Sandbox) -> None:
-    handle = sandbox.run("sleep 100 & echo started; wait", wait=False, timeout=30)
+    handle = sandbox.run("sleep 100 & echo $!; wait", wait=False, timeout=30)
     first = next(iter(handle))
-    assert first.data == "started\n"
+    child = psutil.Process(int(first.data))
+    assert child.name() == "sleep"
     handle.kill()
     # The SDK closes its socket right after kill; a fresh reattach sees the exit.
     again = sandbox.reconnect(handle.command_id or "")
     assert again.result.exit_code == 137
+    with contextlib.suppress(psutil.NoSuchProcess):  # the daemon reaps it: gone, not a zombie
+        child.wait(timeout=5)
+    assert not child.is_running()
 
 
 def test_reconnect_from_offsets_replays_without_gap_or_overlap(sandbox: Sandbox) -> None:

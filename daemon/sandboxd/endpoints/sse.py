@@ -70,6 +70,29 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (name.encode(), _encoder.encode(payload))
 
 
+async def _collect(
+    live: LiveSession, attachment: Attachment, collected: dict[Stream, list[bytes]]
+) -> Stream | None:
+    """Read both streams into ``collected`` until the command's end; the stream that
+    passed ``EXECUTE_OUTPUT_LIMIT`` first, if one did (reading stops there)."""
+    core = live.core
+    sizes = dict.fromkeys(collected, 0)
+    while True:
+        for stream in collected:
+            result = core.read(attachment, stream, CHUNK_BYTES)
+            if result.data:
+                collected[stream].append(result.data)
+                sizes[stream] += len(result.data)
+                if sizes[stream] > EXECUTE_OUTPUT_LIMIT:
+                    return stream
+            if result.data or result.gap:
+                live.delivered(attachment, stream, result)
+        if core.finished_for(attachment):
+            return None
+        if core.caught_up(attachment):
+            await live.wait_for_output(attachment)
+
+
 async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
     """Cancel ``scope`` when the client goes away."""
     while True:
@@ -198,35 +221,24 @@ class SseEndpoints:
         live, _ = await self._supervisor.get_or_create(request, via="http")
         attachment = self._supervisor.attach(live, 0, 0)
         collected: dict[Stream, list[bytes]] = {Stream.STDOUT: [], Stream.STDERR: []}
-        sizes = dict.fromkeys(collected, 0)
         try:
             with trio.CancelScope() as watch:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_watch_disconnect, receive, watch)
-                    core = live.core
-                    while True:
-                        for stream in collected:
-                            result = core.read(attachment, stream, CHUNK_BYTES)
-                            if result.data:
-                                collected[stream].append(result.data)
-                                sizes[stream] += len(result.data)
-                                if sizes[stream] > EXECUTE_OUTPUT_LIMIT:
-                                    self._supervisor.kill(live)
-                                    raise PayloadTooLarge(
-                                        f"{stream.value} passed {EXECUTE_OUTPUT_LIMIT} bytes; "
-                                        "stream large output over /execute/ws instead"
-                                    )
-                            if result.data or result.gap:
-                                live.delivered(attachment, stream, result)
-                        if core.finished_for(attachment):
-                            break
-                        if core.caught_up(attachment):
-                            await live.wait_for_output(attachment)
+                    # (raised in here, an error would leave the nursery as an
+                    # ExceptionGroup, which no HTTP error handler answers)
+                    overflowed = await _collect(live, attachment, collected)
                     nursery.cancel_scope.cancel()
         finally:
             self._supervisor.detach(live, attachment)
         if watch.cancelled_caught:
             return  # the client left; kill_on_disconnect ended the command
+        if overflowed is not None:
+            self._supervisor.kill(live)
+            raise PayloadTooLarge(
+                f"{overflowed.value} passed {EXECUTE_OUTPUT_LIMIT} bytes; "
+                "stream large output over /execute/ws instead"
+            )
         terminal = live.core.terminal_message()
         if isinstance(terminal, Error):
             raise CommandTimeout(terminal.error)

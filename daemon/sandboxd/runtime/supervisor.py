@@ -160,8 +160,8 @@ class LiveSession:
         try:
             while True:
                 if self._stdin:
-                    data = bytes(self._stdin)
-                    self._stdin.clear()
+                    data = bytes(self._stdin[:65536])  # the rest stays queued: under the cap
+                    del self._stdin[:65536]
                     self.notify_changed()  # wakes queue_input waiters
                     await stream.send_all(data)
                 elif self._stdin_closing:
