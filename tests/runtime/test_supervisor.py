@@ -215,6 +215,7 @@ async def test_sessions_report_watchers_apart_from_clients(
     assert (row["clients"], row["watchers"]) == (1, 2)
     for attachment in [client, *watchers]:
         supervisor.detach(live, attachment)
+    children.kill_tree(live.child.pid, signal.SIGKILL)
 
 
 async def test_a_stop_sends_term_then_kill_after_the_grace_and_reports_reason_shutdown(
