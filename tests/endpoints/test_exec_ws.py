@@ -711,13 +711,17 @@ async def busy_daemon() -> AsyncIterator[Daemon]:
         async def busy() -> None:
             nonlocal started
             async with exec_socket(daemon.ws) as client:
-                await client.start(command="while sleep 0.1; do seq 1 500; done", close_stdin=True)
+                # Builtins only (read -t on the idle stdin is the pause): no fork per turn.
+                command = "while :; do printf '%s\\n' {1..500}; read -t 0.1; done"
+                await client.start(command=command, timeout_seconds=0)
+                await client.recv_until("stdout")
                 started += 1
                 if started == 50:
                     ready.set()
-                while True:
-                    await client.recv()
-                    client.transcript.frames.clear()
+                with contextlib.suppress(ConnectionClosed):  # the daemon stops first
+                    while True:
+                        await client.recv()
+                        client.transcript.frames.clear()
 
         for _ in range(50):
             nursery.start_soon(busy)
