@@ -281,6 +281,20 @@ class RawWebSocket:
         """Send one wsproto event (``Message``, ``TextMessage(..., message_finished=False)``)."""
         await self.stream.send_all(self.conn.send(event))
 
+    async def send_frames(self, *frames: dict[str, Any]) -> None:
+        """Send JSON text frames back to back in one socket write, as a client that
+        pipelines (an ``execute`` and its input without waiting for ``started``) does."""
+        from wsproto.events import TextMessage
+
+        data = b"".join(self.conn.send(TextMessage(data=json.dumps(f))) for f in frames)
+        await self.stream.send_all(data)
+
+    async def collect(self) -> Transcript:
+        """Read until the server closes; every text frame received, as a transcript."""
+        code = await self.wait_closed()
+        frames = [json.loads(m) for m in self.messages if isinstance(m, str)]
+        return Transcript(frames=frames, close_code=code)
+
     async def _events(self) -> list[Any]:
         data = await self.stream.receive_some(65536)
         self.conn.receive_data(data or None)

@@ -5,9 +5,13 @@ Each test names the §9 item(s) it proves. The SDK-driven versions live in tests
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import psutil
 import pytest
@@ -20,6 +24,7 @@ from tests.helpers import (
     Transcript,
     exec_socket,
     open_ws,
+    raw_ws,
     rejection,
     run_command,
     running_daemon,
@@ -747,3 +752,263 @@ async def test_a_pty_command_starts_with_the_window_size_sent_in_execute(daemon:
     with trio.fail_after(10):
         t = await run_command(daemon.ws, "stty size", pty=True, cols=101, rows=37)
     assert t.text("stdout").strip() == "37 101"
+
+
+# ---- stdin order and prompt control frames (issue 13) ---------------------------------
+
+#: Rounds of each pipelining race per test run; run the tests in a loop for more.
+RACE_ROUNDS = 25
+MiB = 1024 * 1024
+
+
+def numbered(count: int, prefix: str = "") -> list[str]:
+    return [f"{prefix}{i}," for i in range(count)]
+
+
+def inputs(pieces: list[str]) -> list[dict[str, Any]]:
+    return [{"type": "input", "data": piece} for piece in pieces]
+
+
+def cat_frame(**fields: Any) -> dict[str, Any]:
+    frame = {"type": "execute", "command": "cat; echo rc=$?", "close_stdin": False}
+    frame.update(fields)
+    return frame
+
+
+async def pipelined(daemon: Daemon, *frames: dict[str, Any]) -> Transcript:
+    """Send ``frames`` in one socket write and read everything until the close."""
+
+    async def send() -> None:
+        # Refused and closed before all was read: the transcript tells.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws.send_frames(*frames)
+
+    async with raw_ws(daemon.running.address) as ws, trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        return await ws.collect()
+
+
+@pytest.mark.parametrize("count", [5, 20, 300])
+async def test_input_pipelined_behind_execute_reaches_stdin_in_arrival_order(
+    daemon: Daemon, count: int
+) -> None:  # item 13 with a client that does not wait for started (§2.3)
+    pieces = numbered(count)
+    for _ in range(RACE_ROUNDS):
+        with trio.fail_after(20):
+            t = await pipelined(daemon, cat_frame(), *inputs(pieces), {"type": "close_stdin"})
+        assert t.types[0] == "started", t.frames[:2]
+        assert t.text("stdout") == "".join(pieces) + "rc=0\n"
+
+
+async def test_input_pipelined_behind_reconnect_reaches_stdin_in_arrival_order(
+    daemon: Daemon,
+) -> None:
+    pieces = numbered(20)
+    for _ in range(RACE_ROUNDS):
+        command_id = new_id()
+        with trio.fail_after(20):
+            async with exec_socket(daemon.ws) as first:
+                await first.start(command="cat; echo rc=$?", command_id=command_id)
+                reconnect = {"type": "reconnect", "command_id": command_id}
+                t = await pipelined(daemon, reconnect, *inputs(pieces), {"type": "close_stdin"})
+        assert t.text("stdout") == "".join(pieces) + "rc=0\n"
+
+
+async def test_input_pipelined_behind_a_pty_execute_reaches_the_terminal_in_order(
+    daemon: Daemon,
+) -> None:
+    pieces = numbered(20)
+    typed = [*pieces, "\n", "\x04"]  # a line, then EOT at its start ends cat
+    for _ in range(RACE_ROUNDS):
+        with trio.fail_after(20):
+            t = await pipelined(daemon, cat_frame(pty=True), *inputs(typed))
+        # The terminal echoes the line as it arrives, then cat writes it back.
+        assert re.findall(r"\d+,", t.text("stdout")) == pieces * 2, t.text("stdout")
+        assert t.text("stdout").endswith("rc=0\r\n")
+
+
+async def pipelined_from_two_sockets(
+    daemon: Daemon, a_pieces: list[str], b_pieces: list[str]
+) -> tuple[Transcript, Transcript]:
+    """Socket a pipelines its input behind ``execute``, socket b behind a ``reconnect``
+    sent as soon as the session exists (while a may still be binding)."""
+    command_id = new_id()
+    total = len("".join(a_pieces + b_pieces))
+    execute = cat_frame(command=f"head -c {total}; echo; echo rc=$?", command_id=command_id)
+    reconnect = {"type": "reconnect", "command_id": command_id}
+    results: dict[str, Transcript] = {}
+
+    async def first() -> None:
+        results["a"] = await pipelined(daemon, execute, *inputs(a_pieces))
+
+    async def second() -> None:
+        while command_id not in daemon.running.supervisor.sessions:
+            await trio.lowlevel.checkpoint()
+        results["b"] = await pipelined(daemon, reconnect, *inputs(b_pieces))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        nursery.start_soon(second)
+    return results["a"], results["b"]
+
+
+async def test_two_sockets_pipelining_into_one_command_each_keep_their_order(
+    daemon: Daemon,
+) -> None:
+    a_pieces, b_pieces = numbered(20, "a"), numbered(20, "b")
+    for _ in range(RACE_ROUNDS):
+        with trio.fail_after(20):
+            a, b = await pipelined_from_two_sockets(daemon, a_pieces, b_pieces)
+        out = a.text("stdout")
+        assert out == b.text("stdout") and out.endswith("\nrc=0\n")
+        tokens = re.findall(r"[ab]\d+,", out)
+        assert [x for x in tokens if x[0] == "a"] == a_pieces, out
+        assert [x for x in tokens if x[0] == "b"] == b_pieces, out
+
+
+@pytest.fixture
+async def busy_daemon() -> AsyncIterator[Daemon]:
+    """A daemon streaming the output of 50 other commands to 50 attached clients."""
+    async with running_daemon() as daemon, trio.open_nursery() as nursery:
+        started = 0
+        ready = trio.Event()
+
+        async def busy() -> None:
+            nonlocal started
+            async with exec_socket(daemon.ws) as client:
+                # Builtins only (read -t on the idle stdin is the pause): no fork per turn.
+                command = "while :; do printf '%s\\n' {1..500}; read -t 0.1; done"
+                await client.start(command=command, timeout_seconds=0)
+                await client.recv_until("stdout")
+                started += 1
+                if started == 50:
+                    ready.set()
+                with contextlib.suppress(ConnectionClosed):  # the daemon stops first
+                    while True:
+                        await client.recv()
+                        client.transcript.frames.clear()
+
+        for _ in range(50):
+            nursery.start_soon(busy)
+        with trio.fail_after(30):
+            await ready.wait()
+        yield daemon
+        nursery.cancel_scope.cancel()
+
+
+async def test_pipelined_input_keeps_its_order_while_50_other_commands_stream(
+    busy_daemon: Daemon,
+) -> None:
+    assert len(busy_daemon.running.supervisor.sessions) >= 50
+    pieces = numbered(20)
+    for _ in range(RACE_ROUNDS):
+        with trio.fail_after(30):
+            t = await pipelined(busy_daemon, cat_frame(), *inputs(pieces), {"type": "close_stdin"})
+        assert t.text("stdout") == "".join(pieces) + "rc=0\n"
+
+
+FLOOD = inputs(["x" * MiB] * 6)  # far more than a command that does not read will take
+
+
+@pytest.mark.parametrize(
+    ("control", "signal_name"),
+    [({"type": "kill"}, "KILL"), ({"type": "signal", "signal": "INT"}, "INT")],
+    ids=["kill", "signal-int"],
+)
+async def test_a_control_frame_behind_unwritten_input_takes_effect_at_once(
+    daemon: Daemon, control: dict[str, Any], signal_name: str
+) -> None:
+    with trio.fail_after(25):
+        start = trio.current_time()
+        t = await pipelined(daemon, cat_frame(command="sleep 30"), *FLOOD, control)
+        elapsed = trio.current_time() - start
+    assert t.terminal["type"] == "exit" and t.terminal["signal"] == signal_name, t.terminal
+    assert elapsed < 5  # "within about a second", with slack for a loaded machine
+
+
+async def flood_a_raw_terminal(daemon: Daemon, command: str, control: dict[str, Any]) -> Transcript:
+    """Run ``command`` on a PTY in raw mode (a full terminal then takes no more input,
+    where a canonical one discards it), then send ``FLOOD`` and ``control`` in one go."""
+    async with exec_socket(daemon.ws) as client, trio.open_nursery() as nursery:
+        await client.start(command=f"stty raw -echo; echo ready; {command}", pty=True)
+        await client.recv_until_text("stdout", "ready")
+
+        async def burst() -> None:
+            for frame in [*FLOOD, control]:
+                await client.send(**frame)
+
+        nursery.start_soon(burst)
+        return await client.collect()
+
+
+async def test_kill_behind_input_a_pty_command_does_not_read_takes_effect_at_once(
+    daemon: Daemon,
+) -> None:
+    with trio.fail_after(25):
+        start = trio.current_time()
+        t = await flood_a_raw_terminal(daemon, "sleep 30", {"type": "kill"})
+        elapsed = trio.current_time() - start
+    assert t.terminal["type"] == "exit" and t.terminal["signal"] == "KILL", t.terminal
+    assert elapsed < 5
+
+
+async def test_resize_behind_input_a_pty_command_does_not_read_takes_effect_at_once(
+    daemon: Daemon,
+) -> None:
+    resize = {"type": "resize", "cols": 100, "rows": 30}
+    with trio.fail_after(25):
+        t = await flood_a_raw_terminal(daemon, "sleep 2; stty size", resize)
+    assert t.text("stdout").split()[-2:] == ["30", "100"], repr(t.text("stdout")[-40:])
+    assert t.terminal["exit_code"] == 0
+
+
+async def test_close_stdin_behind_a_flood_closes_after_the_bytes_before_it(
+    daemon: Daemon,
+) -> None:
+    execute = cat_frame(command="sleep 1; wc -c")
+    with trio.fail_after(25):
+        t = await pipelined(daemon, execute, *FLOOD, {"type": "close_stdin"})
+    assert t.text("stdout").strip() == str(6 * MiB)
+    assert t.terminal["exit_code"] == 0
+
+
+async def test_a_flood_past_the_stdin_cap_makes_the_sender_wait_and_another_socket_kills(
+    daemon: Daemon,
+) -> None:
+    command_id = new_id()
+    execute = cat_frame(command="sleep 30", command_id=command_id)
+    sent = trio.Event()
+    with trio.fail_after(25):
+        async with raw_ws(daemon.running.address) as ws, trio.open_nursery() as nursery:
+
+            async def flood() -> None:
+                try:  # 64 MiB: more than the stdin cap and every buffer on the way
+                    await ws.send_frames(execute, *inputs(["x" * MiB] * 64))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the daemon closed after the kill, before all was read
+                sent.set()
+
+            nursery.start_soon(flood)
+            with trio.move_on_after(2):
+                await sent.wait()
+            assert not sent.is_set()  # the daemon stopped reading: its memory stays bounded
+            reconnect = {"type": "reconnect", "command_id": command_id}
+            other = await pipelined(daemon, reconnect, {"type": "kill"})
+            t = await ws.collect()
+    assert other.terminal["signal"] == t.terminal["signal"] == "KILL"
+
+
+async def test_more_held_frames_than_the_limits_before_execute_are_refused(
+    daemon: Daemon,
+) -> None:
+    too_many = inputs(["."] * 257)
+    too_big = inputs(["x" * MiB] * 9)
+    with trio.fail_after(20):
+        many = await pipelined(daemon, *too_many, cat_frame())
+        big = await pipelined(daemon, *too_big, cat_frame())
+        held = await pipelined(daemon, *inputs(["."] * 256), cat_frame(), {"type": "close_stdin"})
+    for refused in (many, big):
+        assert refused.frames[0]["error_type"] == "InvalidRequest", refused.frames[:1]
+        assert "before execute/reconnect" in refused.frames[0]["error"]
+        assert "started" not in refused.types
+    assert held.text("stdout") == "." * 256 + "rc=0\n"

@@ -86,6 +86,19 @@ def test_kill_ends_the_command_and_its_children(sandbox: Sandbox) -> None:
     assert not child.is_running()
 
 
+def test_kill_after_input_the_command_does_not_read_takes_effect_at_once(
+    sandbox: Sandbox,
+) -> None:
+    handle = sandbox.run("sleep 30", wait=False, close_input=False, timeout=60)
+    start = time.monotonic()
+    for _ in range(6):
+        handle.send_input("x" * 2**20)
+    handle.kill()
+    again = sandbox.reconnect(handle.command_id or "")
+    assert again.result.exit_code == 137
+    assert time.monotonic() - start < 10  # not the 30 s of the command
+
+
 def test_reconnect_from_offsets_replays_without_gap_or_overlap(sandbox: Sandbox) -> None:
     handle = sandbox.run("echo one; sleep 0.5; echo two; exit 4", wait=False, timeout=10)
     first = next(iter(handle))

@@ -1,16 +1,24 @@
 """``GET /execute/ws``: one WebSocket bound to one command session (protocol.md §2).
 
 A connection waits for its binding frame (``execute`` or ``reconnect``), holding any
-control frame that comes first (§2.3.6) and applying it once bound. It then streams
-``started``, the output from its own cursors, and the session's terminal frame, and
-closes with 1000. Meanwhile a receive task applies ``input``, ``close_stdin``, ``kill``,
-``signal`` and ``resize`` as they arrive, so a client that stops reading can still be
-heard, and a disconnect (clean or not) detaches at once.
+control frame that comes before it is applied (§2.3.6) and applying those once bound. It
+then streams ``started``, the output from its own cursors, and the session's terminal
+frame, and closes with 1000. Meanwhile a receive task applies ``input``, ``close_stdin``,
+``kill``, ``signal`` and ``resize`` as they arrive, so a client that stops reading can
+still be heard, and a disconnect (clean or not) detaches at once.
+
+Order: the receive task is the only one that applies frames once the held ones are done,
+and the bytes of an ``input`` are queued before anything awaits, so stdin gets the bytes
+of one socket in the order its frames arrived, and a ``close_stdin`` closes after them.
+Back-pressure: applying an ``input`` waits only while the command's stdin queue is over
+its cap (``STDIN_BUFFER_CAP``); that pause is the one place where the socket is not read,
+so a ``kill``, ``signal`` or ``resize`` behind up to that much unwritten input acts at once.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,7 +47,7 @@ from sandboxd.core.messages import (
 )
 from sandboxd.core.session import Attachment, Stream
 from sandboxd.runtime import process
-from sandboxd.runtime.supervisor import LiveSession, Supervisor
+from sandboxd.runtime.supervisor import STDIN_BUFFER_CAP, LiveSession, Supervisor
 
 log = logging.getLogger("sandboxd.exec")
 
@@ -48,6 +56,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 #: Control frames held before the binding frame; more is a misbehaving client.
 MAX_PENDING_CONTROL = 256
+#: Characters of control frames held before the binding frame; more is a misbehaving client.
+MAX_PENDING_TEXT = STDIN_BUFFER_CAP
 
 
 class ExecConnection:
@@ -61,7 +71,9 @@ class ExecConnection:
         self._send_lock = trio.Lock()
         self._bound = trio.Event()
         self._bind_message: Execute | Reconnect | None = None
-        self._pending: list[ControlMessage] = []
+        self._pending: deque[tuple[ControlMessage, int]] = deque()
+        self._pending_text = 0
+        self._applying = trio.Event()  # set once the held frames are applied
         self._scope = trio.CancelScope()
         self.live: LiveSession | None = None
         self._attachment: Attachment | None = None
@@ -111,17 +123,42 @@ class ExecConnection:
                         raise InvalidRequest("this socket is already bound to a command")
                     self._bind_message = message
                     self._bound.set()
-                elif self.live is None:
-                    if len(self._pending) >= MAX_PENDING_CONTROL:
-                        raise InvalidRequest("too many control frames before execute/reconnect")
-                    self._pending.append(message)
-                else:
+                    continue
+                if not self._applying.is_set() and self._holding_full():
+                    if self._bind_message is None:
+                        raise InvalidRequest(
+                            f"more than {MAX_PENDING_CONTROL} control frames or "
+                            f"{MAX_PENDING_TEXT} characters before execute/reconnect"
+                        )
+                    await self._applying.wait()  # pipelined behind the binding frame
+                if self._applying.is_set():
+                    assert self.live is not None
                     await self._apply(self.live, message)
+                else:
+                    self._pending.append((message, len(text)))
+                    self._pending_text += len(text)
             except SandboxdError as exc:
                 await self._fail(exc)
                 return
 
+    def _holding_full(self) -> bool:
+        return len(self._pending) >= MAX_PENDING_CONTROL or self._pending_text >= MAX_PENDING_TEXT
+
+    async def _apply_held(self, live: LiveSession) -> None:
+        """Apply the held frames in order, frames the receive task holds meanwhile
+        included; from the moment none is left, the receive task applies its own."""
+        try:
+            while self._pending:
+                message, size = self._pending.popleft()
+                self._pending_text -= size
+                await self._apply(live, message)
+        except SandboxdError as exc:
+            await self._fail(exc)
+            return
+        self._applying.set()
+
     async def _apply(self, live: LiveSession, message: ControlMessage) -> None:
+        """Carry out one control frame; only an ``input`` over the stdin cap waits."""
         if self._attachment is not None and self._attachment.watch:
             refusal = read_only_refusal(message)
             if refusal is not None:
@@ -180,12 +217,7 @@ class ExecConnection:
         )
         await self._send(Started(command_id=live.command_id, pid=live.child.pid))
         self.started_sent = True
-        pending, self._pending = self._pending, []
-        for control in pending:
-            try:
-                await self._apply(live, control)
-            except SandboxdError as exc:
-                await self._fail(exc)
+        await self._apply_held(live)
         return True
 
     async def _stream(self, live: LiveSession, attachment: Attachment) -> None:

@@ -49,8 +49,8 @@ from sandboxd.runtime.fdread import read_available
 
 log = logging.getLogger("sandboxd.supervisor")
 
-#: Input queued for a command's stdin beyond which the sending client waits.
-STDIN_BUFFER_CAP = 1024 * 1024
+#: Input queued for a command's stdin beyond which the sending socket is not read.
+STDIN_BUFFER_CAP = 8 * 1024 * 1024
 #: How many expired ids are remembered, to answer SessionExpired rather than CommandNotFound.
 EXPIRED_IDS_KEPT = 100_000
 
@@ -128,14 +128,14 @@ class LiveSession:
     # ---- stdin ------------------------------------------------------------------
 
     async def queue_input(self, data: bytes) -> None:
-        """Queue bytes for stdin; waits while too much is queued. Dropped once closed."""
-        while len(self._stdin) > STDIN_BUFFER_CAP and not self._stdin_closing:
-            await self.wait_changed()
+        """Queue bytes for stdin at once (calls keep their order), then wait while over cap."""
         if self._stdin_closing:
             log.debug("input after stdin closed ignored", extra={"command_id": self.command_id})
             return
         self._stdin += data
         self._stdin_event.set()
+        while len(self._stdin) > STDIN_BUFFER_CAP and not self._stdin_closing:
+            await self.wait_changed()
 
     def close_input(self) -> None:
         """Half-close stdin once the queued input is written (ignored under a PTY)."""
