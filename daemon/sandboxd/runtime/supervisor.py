@@ -9,7 +9,6 @@ Clients never touch fds: they read rings through their own ``Attachment``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from sandboxd.core.session import (
 )
 from sandboxd.core.utf8 import Utf8Sanitizer
 from sandboxd.runtime import process
+from sandboxd.runtime.fdread import read_available
 
 log = logging.getLogger("sandboxd.supervisor")
 
@@ -196,7 +196,7 @@ class LiveSession:
                 while not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
                     with trio.move_on_after(stall_seconds):
                         await self._consumed.wait()
-                data, ended = _read_available(fd, CHUNK_BYTES)
+                data, ended = read_available(fd, CHUNK_BYTES)
                 if data is None:
                     await trio.lowlevel.wait_readable(fd)
                     continue
@@ -210,32 +210,6 @@ class LiveSession:
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
             self.notify_changed()
-
-
-def _read_available(fd: int, limit: int) -> tuple[bytes | None, bool]:
-    """Up to ``limit`` bytes that can be read now: (data, ended).
-
-    ``data`` is None when nothing is ready. ``ended`` is true at EOF, or at EIO, which is
-    how a PTY master reports that every holder of its slave has gone.
-    """
-    parts: list[bytes] = []
-    total = 0
-    while total < limit:
-        try:
-            piece = os.read(fd, limit - total)
-        except BlockingIOError:
-            break
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            return b"".join(parts), True
-        if not piece:
-            return b"".join(parts), True
-        parts.append(piece)
-        total += len(piece)
-    if not parts:
-        return None, False
-    return parts[0] if len(parts) == 1 else b"".join(parts), False
 
 
 class Supervisor:
