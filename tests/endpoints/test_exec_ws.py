@@ -7,14 +7,24 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import uuid
 
 import psutil
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
+from wsproto.events import TextMessage
 
-from tests.helpers import Daemon, exec_socket, open_ws, rejection, run_command, running_daemon
+from tests.helpers import (
+    Daemon,
+    exec_socket,
+    open_ws,
+    raw_ws,
+    rejection,
+    run_command,
+    running_daemon,
+)
 
 
 def new_id() -> str:
@@ -574,3 +584,52 @@ async def test_commands_never_see_the_daemons_private_environment(
     seen = dict(line.split("=", 1) for line in t.text("stdout").splitlines() if "=" in line)
     assert seen["IMAGE_SETTING"] == "visible"
     assert not {"NOTIFY_SOCKET", "LISTEN_FDS", "WATCHDOG_USEC", "SANDBOXD_TOKEN"} & seen.keys()
+
+
+@pytest.mark.parametrize("pty", [False, True], ids=["pipes", "pty"])
+async def test_ttl_0_sockets_attached_at_the_finish_read_every_byte_then_the_output_is_freed(
+    tmp_path: pathlib.Path, pty: bool
+) -> None:  # item 27 with ttl 0; README: "sockets already attached still read it to the end"
+    flag = tmp_path / "go"
+    size = 12_000_000  # far beyond the socket buffers
+    command = (
+        f"while [ ! -e {flag} ]; do sleep 0.02; done; "
+        f"head -c {size} /dev/zero | tr '\\0' z; echo; echo end"
+    )
+    newline = "\r\n" if pty else "\n"
+    expected = "z" * size + newline + "end" + newline
+    command_id = new_id()
+    async with running_daemon(stall_seconds=0.5) as daemon:
+        supervisor = daemon.running.supervisor
+        with trio.fail_after(120):
+            async with (
+                exec_socket(daemon.ws) as first,
+                exec_socket(daemon.ws) as second,
+                exec_socket(daemon.ws) as third,
+                raw_ws(daemon.running.address) as dropped,
+            ):
+                await first.start(command=command, command_id=command_id, ttl_seconds=0, pty=pty)
+                for client in (second, third):
+                    await client.send(type="reconnect", command_id=command_id)
+                    await client.recv_until("started")
+                reconnect = json.dumps({"type": "reconnect", "command_id": command_id})
+                await dropped.send(TextMessage(reconnect))
+                live = supervisor.sessions[command_id]
+                while len(live.core.attachments) < 4:
+                    await trio.sleep(0.01)
+                flag.touch()
+                # Nobody reads until the command finished and its session is gone.
+                while command_id in supervisor.sessions:
+                    await trio.sleep(0.05)
+                async with exec_socket(daemon.ws) as late:
+                    await late.send(type="reconnect", command_id=command_id)
+                    assert (await late.collect()).frames[0]["error_type"] == "SessionExpired"
+                await dropped.stream.aclose()  # gone without reading
+                transcripts = [await client.collect() for client in (first, second, third)]
+            for t in transcripts:
+                assert "gap" not in t.types
+                t.assert_contiguous()
+                assert t.text("stdout") == expected
+                assert t.terminal["type"] == "exit" and t.terminal["exit_code"] == 0
+            while supervisor.pool.total:  # the last reader's detach frees the output
+                await trio.sleep(0.05)

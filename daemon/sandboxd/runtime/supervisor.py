@@ -338,8 +338,10 @@ class Supervisor:
         return attachment
 
     def detach(self, live: LiveSession, attachment: Attachment) -> None:
-        """Detach a client; may kill the command (``kill_on_disconnect``)."""
+        """Detach a client; may kill the command (``kill_on_disconnect``). The last
+        client of a session that is already gone frees its output."""
         self.apply(live, live.core.detach(attachment, trio.current_time()))
+        self._release_if_unread(live)
 
     def kill(self, live: LiveSession, reason: EndReason = EndReason.KILLED) -> None:
         """Kill the command's whole tree, if it still runs."""
@@ -357,6 +359,7 @@ class Supervisor:
                 )
             else:
                 live.expired.set()
+                self._drop(live)
         live.reschedule()
         live.notify_changed()
 
@@ -395,15 +398,25 @@ class Supervisor:
                 await live.expired.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            if self.sessions.get(live.command_id) is live:
-                del self.sessions[live.command_id]
-                if live.core.state is SessionState.EXPIRED:
-                    self._expired_ids.add(live.command_id)
-            self.pool.release(live.core.stdout)
-            self.pool.release(live.core.stderr)
+            self._drop(live)
             if live.status is None:  # cancelled while running (daemon stopping)
                 self._kill_tree(child.pid, signal.SIGKILL, live.command_id)
             live.notify_changed()
+
+    def _drop(self, live: LiveSession) -> None:
+        """Take the session out of the registry: its TTL ran out (new clients are then
+        told it expired), or the daemon stops. Clients still attached read on to the end."""
+        if self.sessions.get(live.command_id) is live:
+            del self.sessions[live.command_id]
+            if live.core.state is SessionState.EXPIRED:
+                self._expired_ids.add(live.command_id)
+        self._release_if_unread(live)
+
+    def _release_if_unread(self, live: LiveSession) -> None:
+        """Free the output of a session out of the registry once no client reads it."""
+        if self.sessions.get(live.command_id) is not live and not live.core.attachments:
+            self.pool.release(live.core.stdout)
+            self.pool.release(live.core.stderr)
 
     async def _run_timers(self, live: LiveSession) -> None:
         while True:
