@@ -46,6 +46,7 @@ from sandboxd.core.session import (
 from sandboxd.core.utf8 import Utf8Sanitizer
 from sandboxd.runtime import process
 from sandboxd.runtime.fdread import read_available
+from sandboxd.runtime.handoff import Handoffs
 
 log = logging.getLogger("sandboxd.supervisor")
 
@@ -233,6 +234,7 @@ class Supervisor:
         self._starting: dict[str, trio.Event] = {}
         self._expired_ids = ExpiredIds(EXPIRED_IDS_KEPT)
         self._nursery = nursery
+        self.handoffs = Handoffs(self.detach, nursery, config.stall_seconds)
         self.shutting_down = False
         self.commands_started = 0
         self._base_env = clean_environment(os.environ, frozen=getattr(sys, "frozen", False))
@@ -337,10 +339,10 @@ class Supervisor:
         live.reschedule()
         return attachment
 
-    def detach(self, live: LiveSession, attachment: Attachment) -> None:
-        """Detach a client; may kill the command (``kill_on_disconnect``). The last
-        client of a session that is already gone frees its output."""
-        self.apply(live, live.core.detach(attachment, trio.current_time()))
+    def detach(self, live: LiveSession, attachment: Attachment, at: float | None = None) -> None:
+        """Detach a client (that left ``at``, default now); may kill the command
+        (``kill_on_disconnect``). The last client of a session already gone frees its output."""
+        self.apply(live, live.core.detach(attachment, trio.current_time() if at is None else at))
         self._release_if_unread(live)
 
     def kill(self, live: LiveSession, reason: EndReason = EndReason.KILLED) -> None:
