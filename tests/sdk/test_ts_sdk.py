@@ -60,6 +60,10 @@ def test_large_output_arrives_whole(sandboxd: DaemonProcess) -> None:
     assert scenario(sandboxd, "big") == {"length": 20_000_000, "allZ": True, "exit_code": 0}
 
 
+def test_large_output_of_a_ttl_0_command_arrives_whole(sandboxd: DaemonProcess) -> None:
+    assert scenario(sandboxd, "bigTtl0") == {"length": 12_000_000, "allZ": True, "exit_code": 0}
+
+
 def test_callbacks_stream_each_chunk(sandboxd: DaemonProcess) -> None:
     result = scenario(sandboxd, "streaming")
     assert "".join(result["out"]) == "1\n2\n3\n" and "".join(result["err"]) == "e1\ne2\ne3\n"

@@ -19,6 +19,14 @@ const scenarios = {
     return { length: r.stdout.length, allZ: /^z*$/.test(r.stdout), exit_code: r.exit_code };
   },
 
+  async bigTtl0() {
+    const r = await sandbox.run("head -c 12000000 /dev/zero | tr '\\0' 'z'", {
+      timeout: 60,
+      ttlSeconds: 0,
+    });
+    return { length: r.stdout.length, allZ: /^z*$/.test(r.stdout), exit_code: r.exit_code };
+  },
+
   async streaming() {
     const out = [];
     const err = [];
