@@ -246,6 +246,21 @@ async def http_request(
     return HttpResponse(response.status_code, found, b"".join(chunks))
 
 
+async def spend_auth_budget(address: str, token: str, count: int = 50) -> None:
+    """``count`` requests from 127.0.0.1 with missing or wrong tokens; each must be refused
+    with 401, or with 429 and ``Retry-After`` once the failure budget is spent."""
+    from sandboxd.http.auth import MAX_FAILURES
+
+    for i in range(count):
+        headers = [{}, {"x-api-key": "wrong"}, {"authorization": f"Bearer {token}x"}][i % 3]
+        response = await http_request(address, "GET", "/sessions", headers=headers)
+        if i < MAX_FAILURES:
+            assert response.status == 401, (i, response.status)
+        else:
+            assert response.status == 429, (i, response.status)
+            assert int(response.headers["retry-after"]) >= 1
+
+
 def multipart(
     content: bytes, name: str = "file", boundary: str = "sandboxd-test-b0undary"
 ) -> tuple[bytes, dict[str, str]]:

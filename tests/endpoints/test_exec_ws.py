@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import psutil
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
+from wsproto.events import TextMessage
 
 from tests.helpers import (
     Daemon,
@@ -1012,3 +1014,52 @@ async def test_more_held_frames_than_the_limits_before_execute_are_refused(
         assert "before execute/reconnect" in refused.frames[0]["error"]
         assert "started" not in refused.types
     assert held.text("stdout") == "." * 256 + "rc=0\n"
+
+
+@pytest.mark.parametrize("pty", [False, True], ids=["pipes", "pty"])
+async def test_ttl_0_sockets_attached_at_the_finish_read_every_byte_then_the_output_is_freed(
+    tmp_path: pathlib.Path, pty: bool
+) -> None:  # item 27 with ttl 0; README: "sockets already attached still read it to the end"
+    flag = tmp_path / "go"
+    size = 12_000_000  # far beyond the socket buffers
+    command = (
+        f"while [ ! -e {flag} ]; do sleep 0.02; done; "
+        f"head -c {size} /dev/zero | tr '\\0' z; echo; echo end"
+    )
+    newline = "\r\n" if pty else "\n"
+    expected = "z" * size + newline + "end" + newline
+    command_id = new_id()
+    async with running_daemon(stall_seconds=0.5) as daemon:
+        supervisor = daemon.running.supervisor
+        with trio.fail_after(120):
+            async with (
+                exec_socket(daemon.ws) as first,
+                exec_socket(daemon.ws) as second,
+                exec_socket(daemon.ws) as third,
+                raw_ws(daemon.running.address) as dropped,
+            ):
+                await first.start(command=command, command_id=command_id, ttl_seconds=0, pty=pty)
+                for client in (second, third):
+                    await client.send(type="reconnect", command_id=command_id)
+                    await client.recv_until("started")
+                reconnect = json.dumps({"type": "reconnect", "command_id": command_id})
+                await dropped.send(TextMessage(reconnect))
+                live = supervisor.sessions[command_id]
+                while len(live.core.attachments) < 4:
+                    await trio.sleep(0.01)
+                flag.touch()
+                # Nobody reads until the command finished and its session is gone.
+                while command_id in supervisor.sessions:
+                    await trio.sleep(0.05)
+                async with exec_socket(daemon.ws) as late:
+                    await late.send(type="reconnect", command_id=command_id)
+                    assert (await late.collect()).frames[0]["error_type"] == "SessionExpired"
+                await dropped.stream.aclose()  # gone without reading
+                transcripts = [await client.collect() for client in (first, second, third)]
+            for t in transcripts:
+                assert "gap" not in t.types
+                t.assert_contiguous()
+                assert t.text("stdout") == expected
+                assert t.terminal["type"] == "exit" and t.terminal["exit_code"] == 0
+            while supervisor.pool.total:  # the last reader's detach frees the output
+                await trio.sleep(0.05)

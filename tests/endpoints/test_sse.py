@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -65,6 +66,32 @@ async def test_a_stream_starts_with_started_and_ends_with_stream_end_and_exit(
     assert events[-1][1] == {"exit_code": 4}
 
 
+async def read_to_the_end(
+    daemon: Daemon, command_id: str, body: bytes, before_resume: Callable[[], Awaitable[None]]
+) -> tuple[bytes, int, tuple[str, Any]]:
+    """Follow the SSE responses from the first ``body`` through every ``ack_required``
+    and resume, as the SDK does: (stdout, resumes, the last event)."""
+    collected = b""
+    rounds = 0
+    while True:
+        events = parse_events(body)
+        assert events[0][0] == "started"
+        chunks = [d for name, d in events if name == "stdout"]
+        for chunk in chunks:
+            assert chunk["offset"] == len(collected)  # no gap, no overlap
+            collected += base64.b64decode(chunk["data"])
+        last_name, last = events[-1]
+        if last_name != "ack_required":
+            return collected, rounds, events[-1]
+        assert last["stdout_offset"] == len(collected)
+        rounds += 1
+        await before_resume()
+        status, body, _ = await post(
+            daemon, "/execute/stream/resume", {"command_id": command_id, **last}
+        )
+        assert status == 200, body
+
+
 async def test_ack_required_names_the_end_of_what_was_sent_and_resume_continues_exactly() -> None:
     async with running_daemon(sse_ack_bytes=65536) as daemon:
         command_id = uuid.uuid4().hex
@@ -74,29 +101,49 @@ async def test_ack_required_names_the_end_of_what_was_sent_and_resume_continues_
                 "/execute/stream/start",
                 {"command": "seq 1 100000", "command_id": command_id},
             )
-            collected = b""
-            rounds = 0
-            while True:
-                events = parse_events(body)
-                assert events[0][0] == "started"
-                chunks = [d for name, d in events if name == "stdout"]
-                for chunk in chunks:
-                    assert chunk["offset"] == len(collected)  # no gap, no overlap
-                    collected += base64.b64decode(chunk["data"])
-                last_name, last = events[-1]
-                if last_name == "exit":
-                    break
-                assert last_name == "ack_required"
-                assert last["stdout_offset"] == len(collected)
-                rounds += 1
-                status, body, _ = await post(
-                    daemon,
-                    "/execute/stream/resume",
-                    {"command_id": command_id, **last},
-                )
-                assert status == 200
+            assert status == 200
+            collected, rounds, last = await read_to_the_end(
+                daemon, command_id, body, trio.lowlevel.checkpoint
+            )
     expected = "".join(f"{i}\n" for i in range(1, 100001)).encode()
-    assert collected == expected and rounds >= 5
+    assert collected == expected and rounds >= 5 and last == ("exit", {"exit_code": 0})
+
+
+async def test_ttl_0_over_sse_delivers_every_byte_across_resumes_after_the_finish() -> None:
+    size = 12_000_000
+    # A ring that lets the command run to its end while the reader waits between two
+    # responses: the session is gone (ttl 0) before the reader resumes.
+    async with running_daemon(sse_ack_bytes=1 << 20, ring_bytes=64 << 20) as daemon:
+        supervisor = daemon.running.supervisor
+        command_id = uuid.uuid4().hex
+
+        async def after_the_finish() -> None:
+            while command_id in supervisor.sessions:
+                await trio.sleep(0.01)
+
+        with trio.fail_after(60):
+            status, body, _ = await post(
+                daemon,
+                "/execute/stream/start",
+                {
+                    "command": f"head -c {size} /dev/zero | tr '\\0' z",
+                    "command_id": command_id,
+                    "ttl_seconds": 0,
+                },
+            )
+            assert status == 200
+            collected, rounds, last = await read_to_the_end(
+                daemon, command_id, body, after_the_finish
+            )
+            while supervisor.pool.total:  # freed by the last response's detach
+                await trio.sleep(0.01)
+            assert len(supervisor.handoffs) == 0
+            # A new resume after the finish is told the session expired.
+            late, late_body, _ = await post(
+                daemon, "/execute/stream/resume", {"command_id": command_id}
+            )
+    assert collected == b"z" * size and rounds >= 8 and last == ("exit", {"exit_code": 0})
+    assert late == 410 and json.loads(late_body)["detail"]["error"] == "SessionExpired"
 
 
 async def test_resuming_at_the_final_offset_repeats_stream_end_and_exit(daemon: Daemon) -> None:
@@ -210,3 +257,19 @@ async def test_blocking_execute_collects_64_mib_per_stream_and_answers_413_past_
     assert (
         detail["error"] == "PayloadTooLarge" and f"stdout passed {limit} bytes" in detail["message"]
     )
+
+
+async def test_blocking_execute_returns_the_whole_of_a_large_output() -> None:
+    # POST /execute runs with ttl 0: its reader must get the output after the finish too.
+    size = 12_000_000
+    async with running_daemon() as daemon:
+        with trio.fail_after(60):
+            status, body, _ = await post(
+                daemon,
+                "/execute",
+                {"command": f"head -c {size} /dev/zero | tr '\\0' z; echo e >&2", "timeout": 60},
+            )
+            while daemon.running.supervisor.pool.total:
+                await trio.sleep(0.01)
+    assert status == 200
+    assert json.loads(body) == {"stdout": "z" * size, "stderr": "e\n", "exit_code": 0}

@@ -14,7 +14,15 @@ import trio
 
 from sandboxd.http.app import WEBSOCKET_PATHS
 from sandboxd.http.auth import MAX_FAILURES, Gate
-from tests.helpers import exec_socket, http_request, multipart, open_ws, rejection, running_daemon
+from tests.helpers import (
+    exec_socket,
+    http_request,
+    multipart,
+    open_ws,
+    rejection,
+    running_daemon,
+    spend_auth_budget,
+)
 
 TOKEN = "s3cret-t0ken-for-tests"
 
@@ -36,10 +44,22 @@ def test_repeated_failures_from_one_peer_get_429_until_the_window_passes() -> No
     gate = Gate(TOKEN, "")
     for _ in range(MAX_FAILURES):
         assert gate.check("/sessions", {}.get, "peer", 10.0, upgrade=False).status == 401
-    limited = gate.check("/sessions", {"x-api-key": TOKEN}.get, "peer", 20.0, upgrade=False)
-    assert (limited.status, limited.retry_after) == (429, 50)
-    assert gate.check("/sessions", {"x-api-key": TOKEN}.get, "other", 20.0, upgrade=False).allowed
-    assert gate.check("/sessions", {"x-api-key": TOKEN}.get, "peer", 70.0, upgrade=False).allowed
+    for wrong in ({}, {"x-api-key": "wrong"}, {"x-api-key": TOKEN[:-1] + "X"}):
+        # Over budget every wrong token gets the same answer, however close it was.
+        limited = gate.check("/sessions", wrong.get, "peer", 20.0, upgrade=False)
+        assert (limited.allowed, limited.status, limited.retry_after) == (False, 429, 50)
+    assert gate.check("/sessions", {}.get, "other", 20.0, upgrade=False).status == 401
+    assert gate.check("/sessions", {}.get, "peer", 70.0, upgrade=False).status == 401
+
+
+def test_the_valid_token_is_served_however_many_failures_came_from_its_peer() -> None:
+    gate = Gate(TOKEN, "")
+    for i in range(5 * MAX_FAILURES):
+        assert not gate.check("/sessions", {"x-api-key": f"guess{i}"}.get, "p", 1.0, False).allowed
+    for headers in ({"x-api-key": TOKEN}, {"authorization": f"Bearer {TOKEN}"}):
+        assert gate.check("/sessions", headers.get, "p", 2.0, upgrade=False).allowed
+        assert gate.check("/execute/ws", headers.get, "p", 2.0, upgrade=True).allowed
+    assert gate.check("/sessions", {}.get, "p", 2.0, upgrade=False).status == 429
 
 
 def test_origins_must_match_exactly_when_present() -> None:
@@ -100,6 +120,38 @@ async def test_the_right_token_opens_every_door() -> None:
                 await ws.send_message(json.dumps({"type": "execute", "command": "echo in"}))
                 assert json.loads(await ws.get_message())["type"] == "started"
     assert ok.status == bearer.status == 200
+
+
+async def test_a_valid_token_is_served_on_every_route_after_50_failures_from_its_address(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running_daemon(token=TOKEN) as daemon:
+        address = daemon.running.address
+        with trio.fail_after(60):
+            await spend_auth_budget(address, TOKEN)
+            for ws_path in WEBSOCKET_PATHS:
+                url = daemon.ws.replace("/execute/ws", ws_path)
+                async with open_ws(url, [("x-api-key", TOKEN)]):
+                    pass
+            async with open_ws(daemon.ws, [("x-api-key", TOKEN)]) as (ws, _):
+                await ws.send_message(json.dumps({"type": "execute", "command": "echo in"}))
+                assert json.loads(await ws.get_message())["type"] == "started"
+            for path, methods in daemon.running.app.http_routes.items():
+                for method in methods:
+                    body, extra = multipart(b"data")
+                    response = await http_request(
+                        address,
+                        method,
+                        f"{path}?path={quote(str(tmp_path / 'f.txt'), safe='')}",
+                        body,
+                        {**extra, "authorization": f"Bearer {TOKEN}"},
+                    )
+                    assert response.status not in (401, 429), (method, path, response.status)
+            # The budget is still spent: a wrong token is still refused.
+            refused = await http_request(address, "GET", "/sessions", headers={"x-api-key": "x"})
+            assert refused.status == 429 and "retry-after" in refused.headers
+            rejected = await rejection(daemon.ws, [("x-api-key", TOKEN + "x")])
+            assert rejected.status_code == 429
 
 
 async def test_a_foreign_origin_cannot_open_a_websocket() -> None:
@@ -163,3 +215,13 @@ def test_the_python_sdk_authenticates_with_its_api_key() -> None:
         assert sdk_sandbox(daemon.url, TOKEN).run("echo authed", timeout=10).stdout == "authed\n"
         with pytest.raises(SandboxConnectionError):
             sdk_sandbox(daemon.url, "wrong-key").run("echo no", timeout=10)
+
+
+@pytest.mark.sdk
+def test_the_python_sdk_runs_after_50_failed_authentications_from_its_address() -> None:
+    from tests.sdk.conftest import daemon_process, sdk_sandbox
+
+    with daemon_process("--token", TOKEN) as daemon:
+        trio.run(spend_auth_budget, daemon.address, TOKEN)
+        result = sdk_sandbox(daemon.url, TOKEN).run("echo authed; echo e >&2; exit 3", timeout=10)
+        assert (result.stdout, result.stderr, result.exit_code) == ("authed\n", "e\n", 3)

@@ -18,9 +18,9 @@ import trio
 from sandboxd.core.config import Config
 from sandboxd.core.errors import CommandNotFound, SessionExpired
 from sandboxd.core.messages import Execute, Exit
-from sandboxd.core.session import ExitStatus, SessionState
+from sandboxd.core.session import Attachment, ExitStatus, SessionState, Stream
 from sandboxd.runtime import process
-from sandboxd.runtime.supervisor import STDIN_BUFFER_CAP, Supervisor
+from sandboxd.runtime.supervisor import STDIN_BUFFER_CAP, LiveSession, Supervisor
 
 
 class FakeReaper(process.Reaper):
@@ -278,3 +278,66 @@ async def test_past_8_mib_of_queued_stdin_the_sender_waits_and_then_loses_nothin
             nursery.start_soon(read_everything)  # the child reads: the sender goes on
     assert accepted == received == pieces * len(piece)
     children.kill_tree(live.child.pid, signal.SIGKILL)
+
+
+async def finish_with_output(
+    supervisor: Supervisor, children: FakeChildren, output: bytes, clients: int, **fields: object
+) -> tuple[LiveSession, list[Attachment]]:
+    """A session with ``clients`` attached that wrote ``output`` to stdout and exited 0."""
+    live, _ = await supervisor.get_or_create(execute(timeout_seconds=0, **fields))
+    attachments = [supervisor.attach(live, 0, 0) for _ in range(clients)]
+    for start in range(0, len(output), 32768):  # below a pipe's buffer: never blocks
+        children.write(live.child.pid, output[start : start + 32768])
+        while live.core.stdout.end < start + len(output[start : start + 32768]):
+            await live.wait_changed()
+    children.exit(live.child.pid, ExitStatus(0))
+    while live.core.state is SessionState.RUNNING:
+        await live.wait_changed()
+    return live, attachments
+
+
+async def test_ttl_0_drops_the_session_at_the_finish_but_attached_clients_read_it_all(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    output = bytes(range(33, 127)) * 10_000
+    live, (first, second) = await finish_with_output(supervisor, children, output, 2, ttl_seconds=0)
+    await trio.sleep(60)  # however long the attached clients take
+    with pytest.raises(SessionExpired):
+        supervisor.lookup("c1")
+    assert supervisor.snapshot() == []
+    for attachment in (first, second):
+        result = live.core.read(attachment, Stream.STDOUT, 2 * len(output))
+        assert result.gap is None and result.data == output
+        assert live.core.finished_for(attachment) is False
+    live.delivered(first, Stream.STDOUT, live.core.read(first, Stream.STDOUT, len(output)))
+    assert live.core.finished_for(first)
+    supervisor.detach(live, first)
+    assert supervisor.pool.total == len(output)  # the second still reads
+    supervisor.detach(live, second)
+    assert supervisor.pool.total == 0
+
+
+async def test_ttl_0_is_gone_for_new_clients_at_the_finish_and_frees_an_unread_output(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    live, _ = await finish_with_output(supervisor, children, b"x" * 100_000, 0, ttl_seconds=0)
+    assert live.core.state is SessionState.EXPIRED
+    with pytest.raises(SessionExpired):  # at once, not a scheduler pass later
+        supervisor.lookup("c1")
+    await trio.sleep(1)
+    assert supervisor.pool.total == 0
+
+
+async def test_a_ttl_expiry_keeps_the_output_for_clients_still_reading_it(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    live, (reader,) = await finish_with_output(supervisor, children, b"y" * 100_000, 1)
+    await live.expired.wait()
+    with pytest.raises(SessionExpired):
+        supervisor.lookup("c1")
+    assert live.core.read(reader, Stream.STDOUT, 200_000).data == b"y" * 100_000
+    supervisor.detach(live, reader)
+    assert supervisor.pool.total == 0

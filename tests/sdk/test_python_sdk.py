@@ -169,6 +169,16 @@ def test_ttl_expiry_makes_reconnect_raise(sandbox: Sandbox) -> None:
         sandbox.reconnect(command_id).result  # noqa: B018
 
 
+@pytest.mark.parametrize("pty", [False, True], ids=["pipes", "pty"])
+def test_ttl_0_run_returns_the_whole_output(sandbox: Sandbox, pty: bool) -> None:
+    # 12 MB: far more than the socket buffers hold when the command finishes.
+    command = "head -c 12000000 /dev/zero | tr '\\0' z; echo; echo end"
+    result = sandbox.run(command, ttl_seconds=0, pty=pty, timeout=60)
+    newline = "\r\n" if pty else "\n"
+    assert result.stdout == "z" * 12_000_000 + newline + "end" + newline
+    assert result.exit_code == 0
+
+
 def test_kill_on_disconnect_when_the_client_process_dies(
     sandbox: Sandbox, sandboxd: DaemonProcess
 ) -> None:

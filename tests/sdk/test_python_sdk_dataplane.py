@@ -205,6 +205,15 @@ def test_sse_runs_streams_and_resumes(sb: Sandbox, monkeypatch: pytest.MonkeyPat
     assert again.result.stdout == "second\n"
 
 
+def test_sse_with_ttl_0_returns_the_whole_output(
+    sb: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LANGSMITH_EXPERIMENTAL_FEATURES", "sandbox_sse_exec")
+    # 12 MB in responses of 64 KiB: the command finishes long before the last resume.
+    result = sb.run("head -c 12000000 /dev/zero | tr '\\0' z", ttl_seconds=0, timeout=60)
+    assert result.stdout == "z" * 12_000_000 and result.exit_code == 0
+
+
 def test_sse_and_websocket_share_one_session_table(
     sb: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:

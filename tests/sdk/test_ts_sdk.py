@@ -7,6 +7,7 @@ and checks what the SDK handed to its caller. ``make test`` installs the npm pac
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -14,8 +15,10 @@ import time
 from typing import Any
 
 import pytest
+import trio
 
-from tests.sdk.conftest import DaemonProcess
+from tests.helpers import spend_auth_budget
+from tests.sdk.conftest import DaemonProcess, daemon_process
 
 pytestmark = pytest.mark.sdk
 
@@ -29,11 +32,17 @@ if NODE is None or not (TS_DIR / "node_modules" / "langsmith").is_dir():
     )
 
 
-def scenario(daemon: DaemonProcess, name: str, *node_flags: str) -> dict[str, Any]:
+def scenario(
+    daemon: DaemonProcess, name: str, *node_flags: str, api_key: str | None = None
+) -> dict[str, Any]:
     assert NODE is not None
+    env = dict(os.environ)
+    if api_key is not None:
+        env["SANDBOXD_TEST_API_KEY"] = api_key
     done = subprocess.run(
         [NODE, *node_flags, "scenarios.mjs", daemon.url, name],
         cwd=TS_DIR,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -49,6 +58,10 @@ def test_run_returns_output_and_exit_code(sandboxd: DaemonProcess) -> None:
 
 def test_large_output_arrives_whole(sandboxd: DaemonProcess) -> None:
     assert scenario(sandboxd, "big") == {"length": 20_000_000, "allZ": True, "exit_code": 0}
+
+
+def test_large_output_of_a_ttl_0_command_arrives_whole(sandboxd: DaemonProcess) -> None:
+    assert scenario(sandboxd, "bigTtl0") == {"length": 12_000_000, "allZ": True, "exit_code": 0}
 
 
 def test_callbacks_stream_each_chunk(sandboxd: DaemonProcess) -> None:
@@ -109,3 +122,12 @@ def test_without_ws_the_sdk_falls_back_to_blocking_execute(sandboxd: DaemonProce
             break
         time.sleep(0.05)
     assert started[-1]["via"] == "http"
+
+
+def test_run_is_served_after_50_failed_authentications_from_its_address() -> None:
+    token = "ts-t0ken"
+
+    with daemon_process("--token", token) as daemon:
+        trio.run(spend_auth_budget, daemon.address, token)
+        result = scenario(daemon, "run", api_key=token)
+    assert result == {"stdout": "héllo\n", "stderr": "warn\n", "exit_code": 3}

@@ -125,28 +125,39 @@ class SseEndpoints:
             close_stdin=True,
         )
         live, _ = await self._supervisor.get_or_create(request, via="sse")
-        await self._respond(receive, send, live, 0, 0)
+        await self._respond(receive, send, live, self._supervisor.attach(live, 0, 0))
 
     async def resume(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """``POST /execute/stream/resume``: continue from the client's offsets."""
+        """``POST /execute/stream/resume``: continue from the client's offsets, as the
+        same reader when its previous response ended with ``ack_required``."""
         body = await read_json(scope, receive, StreamResume)
-        live = self._supervisor.lookup(body.command_id)
-        await self._respond(receive, send, live, body.stdout_offset, body.stderr_offset)
+        offsets = (body.stdout_offset, body.stderr_offset)
+        taken = self._supervisor.handoffs.take_over(body.command_id, *offsets)
+        if taken is None:
+            live = self._supervisor.lookup(body.command_id)
+            taken = live, self._supervisor.attach(live, *offsets)
+        await self._respond(receive, send, *taken)
 
     async def _respond(
-        self, receive: Receive, send: Send, live: LiveSession, stdout: int, stderr: int
+        self, receive: Receive, send: Send, live: LiveSession, attachment: Attachment
     ) -> None:
-        attachment = self._supervisor.attach(live, stdout, stderr)
+        acked = False
         try:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_watch_disconnect, receive, scope)
-                    await self._stream(send, live, attachment)
+                    acked = await self._stream(send, live, attachment)
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
                     nursery.cancel_scope.cancel()
         finally:
-            self._supervisor.detach(live, attachment)
+            if acked:  # the client resumes at once
+                self._supervisor.handoffs.hand_over(live, attachment)
+            else:
+                self._supervisor.detach(live, attachment)
 
-    async def _stream(self, send: Send, live: LiveSession, attachment: Attachment) -> None:
+    async def _stream(self, send: Send, live: LiveSession, attachment: Attachment) -> bool:
+        """Stream one response but its end; True when it ended with ``ack_required``
+        (the client, having read that, resumes even if the end is lost)."""
         headers = [
             (b"content-type", b"text/event-stream"),
             (b"cache-control", b"no-cache"),
@@ -181,7 +192,7 @@ class SseEndpoints:
                     "stderr_offset": attachment.stderr_cursor,
                 }
                 await emit(_event("ack_required", offsets))
-                break
+                return True
             if progressed:
                 continue
             if finished:
@@ -200,7 +211,7 @@ class SseEndpoints:
                 break
             if not await live.wait_for_output(attachment, HEARTBEAT_SECONDS):
                 await emit(b": ping\n\n")
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return False
 
     async def execute(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /execute``: run to the end and answer ``{stdout, stderr, exit_code}``."""

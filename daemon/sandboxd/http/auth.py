@@ -3,8 +3,13 @@
 * With a token configured, every request but ``GET /healthz`` must carry it in
   ``X-Api-Key`` or ``Authorization: Bearer``; it is compared in constant time, and a
   refusal (401) happens before anything else is done.
-* A peer that keeps failing is slowed down: after ``MAX_FAILURES`` failures within
-  ``FAILURE_WINDOW`` seconds it gets 429 with ``Retry-After`` until the window passes.
+* A peer address that keeps failing is told to back off: after ``MAX_FAILURES`` failures
+  within ``FAILURE_WINDOW`` seconds, its requests *without a valid token* get 429 with
+  ``Retry-After`` until the window passes. A request with the valid token is always
+  served, so a misconfigured client (or anyone who can reach the port) cannot lock out
+  the others behind the same proxy address. The budget is no bound on online guessing:
+  a guess is still told whether it was right (served) or not (401/429), so the token's
+  own strength is what stops guessing (the comparison is constant-time).
 * A WebSocket upgrade whose ``Origin`` is present must match an allowed origin exactly
   (``trusted.example.com.evil.com`` is not ``trusted.example.com``): browsers attach
   Origin, the SDKs do not, so this stops cross-site WebSocket hijacking.
@@ -63,14 +68,17 @@ class Gate:
             )
         if not self._token or path in PUBLIC_PATHS:
             return ALLOWED
+        # The token is compared first, always: a valid token is served however many
+        # failures its address had (every client behind a proxy shares one address).
+        # What a wrong token is told depends only on the failure count, never on it.
+        if self._presented_token_matches(header):
+            return ALLOWED
         started, count = self._failures.get(peer, (now, 0))
         if now - started >= FAILURE_WINDOW:
             started, count = now, 0
         if count >= MAX_FAILURES:
             retry = max(1, int(started + FAILURE_WINDOW - now + 0.999))
             return Verdict(False, 429, "TooManyRequests", "too many failed authentications", retry)
-        if self._presented_token_matches(header):
-            return ALLOWED
         self._failures[peer] = (started, count + 1)
         self._failures.move_to_end(peer)
         while len(self._failures) > TRACKED_PEERS:

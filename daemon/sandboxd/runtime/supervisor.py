@@ -46,6 +46,7 @@ from sandboxd.core.session import (
 from sandboxd.core.utf8 import Utf8Sanitizer
 from sandboxd.runtime import process
 from sandboxd.runtime.fdread import read_available
+from sandboxd.runtime.handoff import Handoffs
 
 log = logging.getLogger("sandboxd.supervisor")
 
@@ -233,6 +234,7 @@ class Supervisor:
         self._starting: dict[str, trio.Event] = {}
         self._expired_ids = ExpiredIds(EXPIRED_IDS_KEPT)
         self._nursery = nursery
+        self.handoffs = Handoffs(self.detach, nursery, config.stall_seconds)
         self.shutting_down = False
         self.commands_started = 0
         self._base_env = clean_environment(os.environ, frozen=getattr(sys, "frozen", False))
@@ -341,9 +343,11 @@ class Supervisor:
         live.reschedule()
         return attachment
 
-    def detach(self, live: LiveSession, attachment: Attachment) -> None:
-        """Detach a client; may kill the command (``kill_on_disconnect``)."""
-        self.apply(live, live.core.detach(attachment, trio.current_time()))
+    def detach(self, live: LiveSession, attachment: Attachment, at: float | None = None) -> None:
+        """Detach a client (that left ``at``, default now); may kill the command
+        (``kill_on_disconnect``). The last client of a session already gone frees its output."""
+        self.apply(live, live.core.detach(attachment, trio.current_time() if at is None else at))
+        self._release_if_unread(live)
 
     def kill(self, live: LiveSession, reason: EndReason = EndReason.KILLED) -> None:
         """Kill the command's whole tree, if it still runs."""
@@ -361,6 +365,7 @@ class Supervisor:
                 )
             else:
                 live.expired.set()
+                self._drop(live)
         live.reschedule()
         live.notify_changed()
 
@@ -399,15 +404,25 @@ class Supervisor:
                 await live.expired.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            if self.sessions.get(live.command_id) is live:
-                del self.sessions[live.command_id]
-                if live.core.state is SessionState.EXPIRED:
-                    self._expired_ids.add(live.command_id)
-            self.pool.release(live.core.stdout)
-            self.pool.release(live.core.stderr)
+            self._drop(live)
             if live.status is None:  # cancelled while running (daemon stopping)
                 self._kill_tree(child.pid, signal.SIGKILL, live.command_id)
             live.notify_changed()
+
+    def _drop(self, live: LiveSession) -> None:
+        """Take the session out of the registry: its TTL ran out (new clients are then
+        told it expired), or the daemon stops. Clients still attached read on to the end."""
+        if self.sessions.get(live.command_id) is live:
+            del self.sessions[live.command_id]
+            if live.core.state is SessionState.EXPIRED:
+                self._expired_ids.add(live.command_id)
+        self._release_if_unread(live)
+
+    def _release_if_unread(self, live: LiveSession) -> None:
+        """Free the output of a session out of the registry once no client reads it."""
+        if self.sessions.get(live.command_id) is not live and not live.core.attachments:
+            self.pool.release(live.core.stdout)
+            self.pool.release(live.core.stderr)
 
     async def _run_timers(self, live: LiveSession) -> None:
         while True:

@@ -1,10 +1,11 @@
 // Drives sandboxd with the released TypeScript SDK (langsmith@0.12.0), unmodified.
-// Usage: node scenarios.mjs <dataplane-url> <scenario>
+// Usage: node scenarios.mjs <dataplane-url> <scenario>  (api key: $SANDBOXD_TEST_API_KEY)
 // Prints one JSON object (what the scenario observed) on stdout; exits non-zero on error.
 import { Sandbox, SandboxClient } from "langsmith/sandbox";
 
 const [url, scenario] = process.argv.slice(2);
-const client = new SandboxClient({ apiKey: "dummy-api-key", apiEndpoint: "http://127.0.0.1:9/x" });
+const apiKey = process.env.SANDBOXD_TEST_API_KEY || "dummy-api-key";
+const client = new SandboxClient({ apiKey, apiEndpoint: "http://127.0.0.1:9/x" });
 const sandbox = new Sandbox({ name: "local", dataplane_url: url }, client);
 
 const scenarios = {
@@ -15,6 +16,14 @@ const scenarios = {
 
   async big() {
     const r = await sandbox.run("head -c 20000000 /dev/zero | tr '\\0' 'z'", { timeout: 60 });
+    return { length: r.stdout.length, allZ: /^z*$/.test(r.stdout), exit_code: r.exit_code };
+  },
+
+  async bigTtl0() {
+    const r = await sandbox.run("head -c 12000000 /dev/zero | tr '\\0' 'z'", {
+      timeout: 60,
+      ttlSeconds: 0,
+    });
     return { length: r.stdout.length, allZ: /^z*$/.test(r.stdout), exit_code: r.exit_code };
   },
 
