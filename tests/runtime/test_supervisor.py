@@ -19,14 +19,14 @@ from sandboxd.core.config import Config
 from sandboxd.core.errors import CommandNotFound, SessionExpired
 from sandboxd.core.messages import Execute
 from sandboxd.core.session import ExitStatus, SessionState
-from sandboxd.runtime import process
+from sandboxd.runtime import process, spawn
 from sandboxd.runtime.supervisor import Supervisor
 
 
 class FakeReaper(process.Reaper):
     def watch(
         self,
-        child: process.Child,
+        child: spawn.Child,
         on_exit: Callable[[ExitStatus], None],
         since: int | None = None,
     ) -> None:
@@ -40,12 +40,12 @@ class FakeChildren:
     kills: list[tuple[int, float]] = field(default_factory=list)
     next_pid: int = 10_000_000  # beyond pid_max: never a real process
 
-    def spawn(self, request: process.SpawnRequest) -> process.Child:
+    def spawn(self, request: spawn.SpawnRequest) -> spawn.Child:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         self.next_pid += 1
         self.writers[self.next_pid] = [out_w, err_w]
-        return process.Child(self.next_pid, out_r, err_r, None, False)
+        return spawn.Child(self.next_pid, out_r, err_r, None, False)
 
     def write(self, pid: int, data: bytes) -> None:
         os.write(self.writers[pid][0], data)

@@ -45,7 +45,7 @@ from sandboxd.core.session import (
     Stream,
 )
 from sandboxd.core.utf8 import Utf8Sanitizer
-from sandboxd.runtime import process
+from sandboxd.runtime import process, spawn
 
 log = logging.getLogger("sandboxd.supervisor")
 
@@ -58,7 +58,7 @@ EXPIRED_IDS_KEPT = 100_000
 class LiveSession:
     """The trio side of one session: its child, its wake-ups and its stdin queue."""
 
-    def __init__(self, core: Session, child: process.Child, command: str) -> None:
+    def __init__(self, core: Session, child: spawn.Child, command: str) -> None:
         self.core = core
         self.child = child
         self.command = command
@@ -151,7 +151,7 @@ class LiveSession:
         """Set a PTY command's window size; nothing for pipes or once its terminal closed."""
         if self.child.pty and self._terminal_open:
             assert self.child.input_fd is not None
-            process.set_window_size(self.child.input_fd, cols, rows)
+            spawn.set_window_size(self.child.input_fd, cols, rows)
 
     async def write_stdin(self) -> None:
         """Write queued input to the child until stdin is closed or the child stops reading."""
@@ -247,7 +247,7 @@ class Supervisor:
         reaper: process.Reaper,
         nursery: trio.Nursery,
         *,
-        spawn: Callable[[process.SpawnRequest], process.Child] = process.spawn,
+        spawn: Callable[[spawn.SpawnRequest], spawn.Child] = spawn.spawn,
         kill_tree: Callable[[int, int, str | None], None] = process.kill_tree,
     ) -> None:
         self.config = config
@@ -332,7 +332,7 @@ class Supervisor:
         )
         return live, True
 
-    def _spawn_request(self, msg: Execute, command_id: str) -> process.SpawnRequest:
+    def _spawn_request(self, msg: Execute, command_id: str) -> spawn.SpawnRequest:
         # The home may appear later (an upload creates it): look each time.
         home = self.config.home if os.path.isdir(self.config.home) else "/"
         env = dict(self._base_env)
@@ -344,7 +344,7 @@ class Supervisor:
             env["TERM"] = self.config.term
         env.update(extra)
         env[process.COMMAND_ID_VARIABLE] = command_id
-        return process.SpawnRequest(
+        return spawn.SpawnRequest(
             argv=[msg.shell, "-c", msg.command],
             env=env,
             cwd=work_dir,
