@@ -13,7 +13,7 @@ import trio
 from sandboxd.core.errors import InvalidRequest
 from sandboxd.core.session import ExitStatus
 from sandboxd.runtime import process, spawn
-from tests.runtime.children import close_fds, request
+from tests.runtime.children import close_fds, shell_request
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ async def test_500_concurrent_exit_codes_and_signal_deaths_are_all_exact() -> No
         async with trio.open_nursery() as nursery:
             await nursery.start(reaper.run)
             for argv, code, signo in plan:
-                child = spawn.spawn(request("", argv=argv))
+                child = spawn.spawn(shell_request("", argv=argv))
                 close_fds(child)
                 expected[child.pid] = (code, signo)
                 reaper.watch(child, lambda status, pid=child.pid: results.__setitem__(pid, status))
@@ -65,7 +65,7 @@ async def test_kill_tree_takes_the_group_and_descendants_that_left_it() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(reaper.run)
             child = spawn.spawn(
-                request("sleep 100 & setsid sleep 100 & echo ready; wait", close_stdin=True)
+                shell_request("sleep 100 & setsid sleep 100 & echo ready; wait", close_stdin=True)
             )
             statuses: list[ExitStatus] = []
             reaper.watch(child, statuses.append)
@@ -100,7 +100,7 @@ def test_signal_names_and_numbers_parse() -> None:
 async def test_a_child_reaped_before_it_is_watched_still_gets_its_status() -> None:
     reaper = process.Reaper()
     since = reaper.sequence
-    child = spawn.spawn(request("exit 7"))
+    child = spawn.spawn(shell_request("exit 7"))
     close_fds(child)
     while reaper.sequence == since:  # it exits and is reaped before anyone watches it
         reaper.reap_all()
@@ -113,7 +113,7 @@ async def test_a_child_reaped_before_it_is_watched_still_gets_its_status() -> No
 
 async def test_a_stale_status_of_a_reused_pid_is_not_handed_out() -> None:
     reaper = process.Reaper()
-    orphan = spawn.spawn(request("exit 3"))
+    orphan = spawn.spawn(shell_request("exit 3"))
     close_fds(orphan)
     while reaper.sequence == 0:
         reaper.reap_all()

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import grp
 import os
-import pwd
 import resource
 import signal
 import struct
@@ -25,11 +23,16 @@ import termios
 import threading
 from dataclasses import dataclass
 
-from sandboxd.core.errors import InvalidRequest, SpawnFailed
+from sandboxd.core import environment, launch
+from sandboxd.core.errors import SpawnFailed
+from sandboxd.runtime import identity
 
 #: Every catchable classic signal: their dispositions are reset to default in the child,
 #: so a daemon that ignores one (SIGPIPE, as Python does) does not pass that on.
 _DEFAULT_SIGNALS = frozenset(range(1, 32)) - {signal.SIGKILL, signal.SIGSTOP}
+
+#: Where a command too long to be an argument is open in its loader (see core/launch.py).
+SCRIPT_FD = 3
 
 #: Held while the process's cwd is changed for a spawn (spawns run in worker threads).
 _CWD_LOCK = threading.Lock()
@@ -37,12 +40,18 @@ _CWD_LOCK = threading.Lock()
 
 @dataclass(frozen=True, slots=True)
 class SpawnRequest:
-    """What to run and how: ``argv`` in ``cwd`` with exactly ``env``."""
+    """What to run and how: ``argv`` in ``cwd`` with ``env``.
+
+    A ``[shell, "-c", command]`` argv runs as ``shell -c command`` would, whatever the
+    command's length. For ``user`` (``run_config.user``), ``HOME``, ``USER`` and ``LOGNAME``
+    become that user's, except those of ``request_env_names`` (the request set them).
+    """
 
     argv: list[str]
     env: dict[str, str]
     cwd: str
     user: str | None = None
+    request_env_names: frozenset[str] = frozenset()
     pty: bool = False
     close_stdin: bool = False
     cols: int = 80
@@ -110,9 +119,17 @@ def spawn(request: SpawnRequest) -> Child:
     Blocks until the child has exec'd (or failed to): call it in a worker thread and
     register the pid with ``Reaper.watch(..., since=)`` as soon as it returns.
     """
-    if request.user:
-        return _spawn_as_user(request, _resolve_user(request.user))
-    return _posix_spawn(request)
+    if not request.user:
+        return _posix_spawn(request, request.env, None)
+    user = identity.resolve_user(request.user)
+    own = {name: request.env[name] for name in request.request_env_names if name in request.env}
+    home = user.home or request.env.get("HOME", "/")
+    env = environment.with_identity(request.env, own, home=home, user_name=user.name)
+    if user.is_current():
+        return _posix_spawn(request, env, None)
+    if identity.THREAD_CREDENTIALS:
+        return _posix_spawn(request, env, user)
+    return _popen_as_user(request, env, user)
 
 
 @dataclass(slots=True)
@@ -169,8 +186,34 @@ def _open_stdio(request: SpawnRequest) -> _Stdio:
         raise
 
 
-def _posix_spawn(request: SpawnRequest) -> Child:
-    stdio = _open_stdio(request)
+def _script(command: str) -> int:
+    """A memfd holding ``command``, at its start; close-on-exec, so that no other child
+    inherits it (the one it is for gets it by a dup2 or ``pass_fds``)."""
+    fd = os.memfd_create("sandboxd-command")
+    try:
+        view = memoryview(launch.encoded(command))
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        if fd == SCRIPT_FD:  # a dup2 onto itself would leave it close-on-exec
+            fd, old = os.dup(fd), fd
+            os.close(old)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _posix_spawn(request: SpawnRequest, env: dict[str, str], user: identity.User | None) -> Child:
+    argv, script = request.argv, None
+    if launch.needs_loader(argv):  # too long to be an argument: see core/launch.py
+        argv, script = launch.loader_argv(argv[0], SCRIPT_FD), _script(argv[2])
+    try:
+        stdio = _open_stdio(request)
+    except BaseException:
+        if script is not None:
+            os.close(script)
+        raise
     actions: list[tuple[int, ...] | tuple[int, int, str, int, int]]
     if stdio.slave_path is not None:
         # With setsid done first, opening the slave by path (no O_NOCTTY) makes it
@@ -180,6 +223,8 @@ def _posix_spawn(request: SpawnRequest) -> Child:
             (os.POSIX_SPAWN_DUP2, 0, 1),
             (os.POSIX_SPAWN_DUP2, 0, 2),
         ]
+        if user is not None:  # the child opens it as the user, as login and sshd chown it
+            os.fchown(stdio.child_out, user.uid, -1)
     else:
         if stdio.child_in is None:
             actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]
@@ -189,6 +234,8 @@ def _posix_spawn(request: SpawnRequest) -> Child:
             (os.POSIX_SPAWN_DUP2, stdio.child_out, 1),
             (os.POSIX_SPAWN_DUP2, stdio.child_err, 2),
         ]
+    if script is not None:  # last: whatever fd 3 was in the child is no longer needed
+        actions.append((os.POSIX_SPAWN_DUP2, script, SCRIPT_FD))
     try:
         # posix_spawn has no chdir action in Python, so the daemon (whose own cwd is
         # "/" and which uses no relative paths) steps into the work dir for the spawn;
@@ -199,17 +246,18 @@ def _posix_spawn(request: SpawnRequest) -> Child:
             except OSError as exc:
                 raise SpawnFailed(f"work dir {request.cwd!r}: {exc.strerror}") from None
             try:
-                pid = os.posix_spawn(
-                    request.argv[0],
-                    request.argv,
-                    request.env,
-                    file_actions=actions,
-                    setsid=True,
-                    setsigmask=(),
-                    setsigdef=_DEFAULT_SIGNALS,
-                )
+                with identity.thread_identity(user) if user else contextlib.nullcontext():
+                    pid = os.posix_spawn(
+                        argv[0],
+                        argv,
+                        env,
+                        file_actions=actions,
+                        setsid=True,
+                        setsigmask=(),
+                        setsigdef=_DEFAULT_SIGNALS,
+                    )
             except OSError as exc:
-                raise SpawnFailed(f"cannot run {request.argv[0]!r}: {exc.strerror}") from None
+                raise SpawnFailed(f"cannot run {argv[0]!r}: {exc.strerror}") from None
             finally:
                 os.chdir("/")
     except BaseException:
@@ -217,53 +265,28 @@ def _posix_spawn(request: SpawnRequest) -> Child:
         raise
     finally:
         stdio.close_child_ends()
+        if script is not None:
+            os.close(script)
     return Child(pid, stdio.output_fd, stdio.error_fd, stdio.input_fd, request.pty)
 
 
-@dataclass(frozen=True, slots=True)
-class _User:
-    uid: int
-    gid: int
-    groups: list[int]
-    name: str | None
-    home: str | None
-
-
-def _resolve_user(spec: str) -> _User:
-    """``name``, ``uid``, ``name:group`` or ``uid:gid`` -> ids; raises ``SpawnFailed``."""
-    user_part, _, group_part = spec.partition(":")
-    if not user_part:
-        raise InvalidRequest(f"user {spec!r} names no user")
+def _popen_as_user(request: SpawnRequest, env: dict[str, str], user: identity.User) -> Child:
+    """Where per-thread credentials are not known (see identity.py): ``Popen``, whose C
+    child does setgroups/setgid/setuid. A PTY is then the command's stdio but not its
+    controlling terminal, and only SIGPIPE and SIGXFSZ are reset."""
+    argv, scripts = request.argv, []
+    if launch.needs_loader(argv):
+        scripts = [_script(argv[2])]
+        argv = launch.loader_argv(argv[0], scripts[0])
     try:
-        entry = pwd.getpwuid(int(user_part)) if user_part.isdigit() else pwd.getpwnam(user_part)
-    except KeyError:
-        if not user_part.isdigit():
-            raise SpawnFailed(f"unknown user {user_part!r}") from None
-        entry = None
-    uid = entry.pw_uid if entry else int(user_part)
-    gid = entry.pw_gid if entry else uid
-    if group_part:
-        try:
-            gid = int(group_part) if group_part.isdigit() else grp.getgrnam(group_part).gr_gid
-        except KeyError:
-            raise SpawnFailed(f"unknown group {group_part!r}") from None
-    if entry is None:
-        return _User(uid, gid, [gid], None, None)
-    return _User(uid, gid, os.getgrouplist(entry.pw_name, gid), entry.pw_name, entry.pw_dir)
-
-
-def _spawn_as_user(request: SpawnRequest, user: _User) -> Child:
-    """Start as another user through ``Popen`` (its C child does setgroups/setgid/setuid).
-
-    A PTY started this way is the command's stdio but not its controlling terminal.
-    """
-    env = dict(request.env)
-    if user.name and "USER" not in env:
-        env["USER"] = env["LOGNAME"] = user.name
-    stdio = _open_stdio(request)
+        stdio = _open_stdio(request)
+    except BaseException:
+        for fd in scripts:
+            os.close(fd)
+        raise
     try:
         popen = subprocess.Popen(
-            request.argv,
+            argv,
             stdin=subprocess.DEVNULL if stdio.child_in is None else stdio.child_in,
             stdout=stdio.child_out,
             stderr=stdio.child_err,
@@ -274,6 +297,7 @@ def _spawn_as_user(request: SpawnRequest, user: _User) -> Child:
             extra_groups=user.groups,
             start_new_session=True,
             close_fds=True,
+            pass_fds=scripts,
             restore_signals=True,
         )
     except OSError as exc:
@@ -284,4 +308,6 @@ def _spawn_as_user(request: SpawnRequest, user: _User) -> Child:
         raise
     finally:
         stdio.close_child_ends()
+        for fd in scripts:
+            os.close(fd)
     return Child(popen.pid, stdio.output_fd, stdio.error_fd, stdio.input_fd, request.pty, popen)

@@ -23,7 +23,7 @@ import psutil
 import trio
 
 from sandboxd.core.config import CHUNK_BYTES, Config
-from sandboxd.core.environment import clean_environment
+from sandboxd.core.environment import clean_environment, with_identity
 from sandboxd.core.errors import (
     CommandNotFound,
     ServerShuttingDown,
@@ -336,19 +336,19 @@ class Supervisor:
         # The home may appear later (an upload creates it): look each time.
         home = self.config.home if os.path.isdir(self.config.home) else "/"
         env = dict(self._base_env)
-        env.setdefault("HOME", home)
         run_config = msg.run_config
         extra = (run_config.env_vars if run_config else msg.env) or {}
         work_dir = (run_config.work_dir if run_config else msg.cwd) or home
         if msg.pty:
             env["TERM"] = self.config.term
-        env.update(extra)
+        env = with_identity(env, extra, home=home)  # HOME is --home, not the daemon's own
         env[process.COMMAND_ID_VARIABLE] = command_id
         return spawn.SpawnRequest(
             argv=[msg.shell, "-c", msg.command],
             env=env,
             cwd=work_dir,
             user=run_config.user if run_config else None,
+            request_env_names=frozenset(extra),
             pty=msg.pty,
             close_stdin=msg.close_stdin,
             cols=self.config.pty_cols,
