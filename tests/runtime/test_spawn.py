@@ -275,3 +275,41 @@ async def test_without_per_thread_credentials_another_user_still_runs_any_comman
     uid, groups, *fds = out.decode().splitlines()
     assert int(uid) == other_user.uid and {int(g) for g in groups.split()} == other_user.groups
     assert fds == ["0", "1", "2"] and status.code == 4
+
+
+async def test_concurrent_spawns_for_two_users_never_cross_identities(
+    other_user: OtherUser,
+) -> None:
+    # Spawns run in worker threads; one holding the other user's credentials must never
+    # leak them into a spawn for the daemon's own user, nor keep them afterwards.
+    reaper = process.Reaper()
+    outputs: dict[int, bytes] = {}
+
+    async def one(index: int) -> None:
+        user = other_user.name if index % 2 else None
+        child = await trio.to_thread.run_sync(spawn.spawn, shell_request("id -u", user=user))
+        statuses: list[ExitStatus] = []
+        reaper.watch(child, statuses.append)
+        stream = trio.lowlevel.FdStream(child.output_fd)
+        data = b""
+        while chunk := await stream.receive_some(100):
+            data += chunk
+        await stream.aclose()
+        assert child.error_fd is not None
+        os.close(child.error_fd)
+        outputs[index] = data
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reaper.run)
+            async with trio.open_nursery() as spawns:
+                for index in range(200):
+                    spawns.start_soon(one, index)
+            nursery.cancel_scope.cancel()
+    wrong = {
+        i: out
+        for i, out in outputs.items()
+        if out != f"{other_user.uid if i % 2 else 0}\n".encode()
+    }
+    assert len(outputs) == 200 and wrong == {}
+    assert (os.getresuid(), os.getresgid()) == ((0, 0, 0), (0, 0, 0))
