@@ -17,7 +17,7 @@ from sandboxd.core.config import Config
 from sandboxd.http import wsoptions
 from sandboxd.http.app import App
 from sandboxd.http.listener import serve_http
-from sandboxd.runtime import memory, process
+from sandboxd.runtime import memory, process, spawn
 from sandboxd.runtime.notify import Notifier
 from sandboxd.runtime.supervisor import Supervisor
 
@@ -82,7 +82,7 @@ async def serve(
     """
     wsoptions.set_compression(config.ws_compression)
     wsoptions.harden_message_buffer()
-    process.close_inherited_fds_on_exec()
+    spawn.close_inherited_fds_on_exec()
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     reaper = process.Reaper()

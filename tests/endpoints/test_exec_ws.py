@@ -6,6 +6,7 @@ Each test names the §9 item(s) it proves. The SDK-driven versions live in tests
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -20,6 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed
 from wsproto.events import TextMessage
 
+from tests.conftest import OtherUser
 from tests.helpers import (
     Daemon,
     ExecClient,
@@ -1063,3 +1065,71 @@ async def test_ttl_0_sockets_attached_at_the_finish_read_every_byte_then_the_out
                 assert t.terminal["type"] == "exit" and t.terminal["exit_code"] == 0
             while supervisor.pool.total:  # the last reader's detach frees the output
                 await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("daemon_home", ["/root", None], ids=["HOME=/root", "no-HOME"])
+@pytest.mark.parametrize("pty", [False, True], ids=["pipes", "pty"])
+@pytest.mark.parametrize("as_other_user", [False, True], ids=["own-user", "other-user"])
+async def test_home_is_the_home_directory_not_the_daemons_own(
+    daemon_home: str | None,
+    pty: bool,
+    as_other_user: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    other: OtherUser | None = request.getfixturevalue("other_user") if as_other_user else None
+    if daemon_home is None:
+        monkeypatch.delenv("HOME", raising=False)
+    else:
+        monkeypatch.setenv("HOME", daemon_home)
+    monkeypatch.setenv("USER", "root")  # as a login shell that started the daemon leaves it
+    monkeypatch.setenv("LOGNAME", "root")
+    run_config = {"work_dir": "/", **({"user": other.name} if other else {})}
+    script = 'echo "$HOME"; cd ~ && pwd; echo "$USER $LOGNAME"'
+    async with running_daemon(home=str(tmp_path)) as daemon:
+        with trio.fail_after(20):
+            plain = await run_command(daemon.ws, script, pty=pty, run_config=run_config)
+            chosen = await run_command(
+                daemon.ws,
+                'echo "$HOME"; echo "$USER $LOGNAME"',
+                pty=pty,
+                run_config={**run_config, "env_vars": {"HOME": "/elsewhere", "USER": "me"}},
+            )
+            legacy = await run_command(daemon.ws, 'echo "$HOME"', pty=pty, env={"HOME": "/legacy"})
+    newline = "\r\n" if pty else "\n"
+    home = other.home if other else str(tmp_path)
+    name = other.name if other else "root"
+    assert plain.text("stdout").split(newline)[:3] == [home, home, f"{name} {name}"], plain.frames
+    assert chosen.text("stdout").split(newline)[:2] == ["/elsewhere", f"me {name}"]
+    assert legacy.text("stdout") == f"/legacy{newline}"
+
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def file_writing_command(size: int) -> tuple[str, str]:
+    """A command of ``size`` bytes that writes a heredoc to a file and prints its sha256."""
+    head, tail = "cat > \"$F\" <<'EOF'\n", 'EOF\nsha256sum < "$F"; rm "$F"; exit 3\n'
+    line = "payload " * 8 + "\n"
+    body_size = size - len(head) - len(tail)
+    body = (line * (body_size // len(line) + 1))[: body_size - 1] + "\n"
+    return head + body + tail, hashlib.sha256(body.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("size", "pty"),
+    [(127 * KiB, False), (128 * KiB, False), (KiB * KiB, False), (7 * MiB, False), (7 * MiB, True)],
+    ids=["127K", "128K", "1M", "7M", "7M-pty"],
+)
+async def test_a_command_of_any_size_that_fits_a_message_runs(
+    daemon: Daemon, size: int, pty: bool, tmp_path: pathlib.Path
+) -> None:
+    command, digest = file_writing_command(size)
+    with trio.fail_after(60):
+        t = await run_command(
+            daemon.ws, command, pty=pty, env={"F": str(tmp_path / "f")}, timeout_seconds=50
+        )
+    assert t.types[0] == "started", t.frames[:2]
+    assert t.text("stdout").strip() == f"{digest}  -"
+    assert t.terminal["exit_code"] == 3

@@ -19,14 +19,14 @@ from sandboxd.core.config import Config
 from sandboxd.core.errors import CommandNotFound, SessionExpired
 from sandboxd.core.messages import Execute, Exit
 from sandboxd.core.session import Attachment, ExitStatus, SessionState, Stream
-from sandboxd.runtime import process
+from sandboxd.runtime import process, spawn
 from sandboxd.runtime.supervisor import STDIN_BUFFER_CAP, LiveSession, Supervisor
 
 
 class FakeReaper(process.Reaper):
     def watch(
         self,
-        child: process.Child,
+        child: spawn.Child,
         on_exit: Callable[[ExitStatus], None],
         since: int | None = None,
     ) -> None:
@@ -45,7 +45,7 @@ class FakeChildren:
     signals: list[tuple[int, int, float]] = field(default_factory=list)
     ignores: set[tuple[int, int]] = field(default_factory=set)  # (pid, signal)
 
-    def spawn(self, request: process.SpawnRequest) -> process.Child:
+    def spawn(self, request: spawn.SpawnRequest) -> spawn.Child:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         self.next_pid += 1
@@ -53,7 +53,7 @@ class FakeChildren:
         in_w = None
         if not request.close_stdin:
             self.stdin[self.next_pid], in_w = os.pipe()
-        return process.Child(self.next_pid, out_r, err_r, in_w, False)
+        return spawn.Child(self.next_pid, out_r, err_r, in_w, False)
 
     def write(self, pid: int, data: bytes) -> None:
         os.write(self.writers[pid][0], data)

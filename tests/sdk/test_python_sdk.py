@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import subprocess
 import sys
 import textwrap
@@ -250,3 +251,20 @@ def test_async_client_runs_streams_kills_and_reconnects(sandboxd: DaemonProcess)
         assert result.stdout == "tty\r\n"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "size", [127 * 1024, 128 * 1024, 1024 * 1024, 7 * 1024 * 1024], ids=["127K", "128K", "1M", "7M"]
+)
+def test_an_agent_writes_a_large_file_through_a_heredoc(sandbox: Sandbox, size: int) -> None:
+    head, tail = "f=$(mktemp); cat > \"$f\" <<'EOF'\n", 'EOF\nsha256sum < "$f"; rm "$f"\n'
+    line = "print('hello from a generated app')\n"
+    body_size = size - len(head) - len(tail)
+    body = (line * (body_size // len(line) + 1))[: body_size - 1] + "\n"
+    command = head + body + tail
+    assert len(command.encode()) == size
+    result = sandbox.run(command, timeout=60)
+    assert (result.stdout, result.exit_code) == (
+        f"{hashlib.sha256(body.encode()).hexdigest()}  -\n",
+        0,
+    )

@@ -32,3 +32,25 @@ def clean_environment(environ: Mapping[str, str], *, frozen: bool = False) -> di
         if original is not None:
             env["LD_LIBRARY_PATH"] = original
     return env
+
+
+def with_identity(
+    env: Mapping[str, str],
+    request_env: Mapping[str, str],
+    *,
+    home: str,
+    user_name: str | None = None,
+) -> dict[str, str]:
+    """``env`` with ``HOME`` set to ``home`` (and, for a named user, ``USER`` and
+    ``LOGNAME`` to its name), then the request's own variables, which win.
+
+    ``home`` is ``--home`` for the daemon's own user and the password database's home
+    directory for ``run_config.user``: never the daemon's own ``HOME`` (Docker sets one,
+    ``/root``), which would send tools that keep state under ``~`` out of the workspace.
+    """
+    result = dict(env)
+    result["HOME"] = home
+    if user_name:
+        result["USER"] = result["LOGNAME"] = user_name
+    result.update(request_env)
+    return result

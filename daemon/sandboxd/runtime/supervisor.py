@@ -22,7 +22,7 @@ import psutil
 import trio
 
 from sandboxd.core.config import CHUNK_BYTES, Config
-from sandboxd.core.environment import clean_environment
+from sandboxd.core.environment import clean_environment, with_identity
 from sandboxd.core.errors import (
     CommandNotFound,
     ServerShuttingDown,
@@ -44,7 +44,7 @@ from sandboxd.core.session import (
     Stream,
 )
 from sandboxd.core.utf8 import Utf8Sanitizer
-from sandboxd.runtime import process
+from sandboxd.runtime import process, spawn
 from sandboxd.runtime.fdread import read_available
 from sandboxd.runtime.handoff import Handoffs
 
@@ -59,7 +59,7 @@ EXPIRED_IDS_KEPT = 100_000
 class LiveSession:
     """The trio side of one session: its child, its wake-ups and its stdin queue."""
 
-    def __init__(self, core: Session, child: process.Child, command: str) -> None:
+    def __init__(self, core: Session, child: spawn.Child, command: str) -> None:
         self.core = core
         self.child = child
         self.command = command
@@ -152,7 +152,7 @@ class LiveSession:
         """Set a PTY command's window size; nothing for pipes or once its terminal closed."""
         if self.child.pty and self._terminal_open:
             assert self.child.input_fd is not None
-            process.set_window_size(self.child.input_fd, cols, rows)
+            spawn.set_window_size(self.child.input_fd, cols, rows)
 
     async def write_stdin(self) -> None:
         """Write queued input to the child until stdin is closed or the child stops reading."""
@@ -222,7 +222,7 @@ class Supervisor:
         reaper: process.Reaper,
         nursery: trio.Nursery,
         *,
-        spawn: Callable[[process.SpawnRequest], process.Child] = process.spawn,
+        spawn: Callable[[spawn.SpawnRequest], spawn.Child] = spawn.spawn,
         kill_tree: Callable[[int, int, str | None], None] = process.kill_tree,
     ) -> None:
         self.config = config
@@ -308,23 +308,23 @@ class Supervisor:
         )
         return live, True
 
-    def _spawn_request(self, msg: Execute, command_id: str) -> process.SpawnRequest:
+    def _spawn_request(self, msg: Execute, command_id: str) -> spawn.SpawnRequest:
         # The home may appear later (an upload creates it): look each time.
         home = self.config.home if os.path.isdir(self.config.home) else "/"
         env = dict(self._base_env)
-        env.setdefault("HOME", home)
         run_config = msg.run_config
         extra = (run_config.env_vars if run_config else msg.env) or {}
         work_dir = (run_config.work_dir if run_config else msg.cwd) or home
         if msg.pty:
             env["TERM"] = self.config.term
-        env.update(extra)
+        env = with_identity(env, extra, home=home)  # HOME is --home, not the daemon's own
         env[process.COMMAND_ID_VARIABLE] = command_id
-        return process.SpawnRequest(
+        return spawn.SpawnRequest(
             argv=[msg.shell, "-c", msg.command],
             env=env,
             cwd=work_dir,
             user=run_config.user if run_config else None,
+            request_env_names=frozenset(extra),
             pty=msg.pty,
             close_stdin=msg.close_stdin,
             cols=msg.cols or self.config.pty_cols,
