@@ -11,11 +11,14 @@ from sandboxd.core.messages import (
     CloseStdin,
     Execute,
     Gap,
+    Input,
+    Kill,
     Reconnect,
     Resize,
     Signal,
     decode_client,
     encode_text,
+    read_only_refusal,
     validate_execute,
 )
 
@@ -93,3 +96,31 @@ def test_the_gap_frame_names_its_range_with_from_and_to() -> None:
     assert encode_text(Gap(stream="stdout", from_=3, to=9)) == (
         '{"type":"gap","stream":"stdout","from":3,"to":9}'
     )
+
+
+def test_reconnect_takes_the_watch_extension_which_defaults_to_false() -> None:
+    frame = '{"type":"reconnect","command_id":"c","watch":true}'
+    assert decode_client(frame) == Reconnect(command_id="c", watch=True)
+    assert decode_client('{"type":"reconnect","command_id":"c"}').watch is False  # type: ignore[union-attr]
+
+
+def test_a_watcher_may_signal_and_kill_but_not_write() -> None:
+    for allowed in (Kill(), Signal(signal="INT")):
+        assert read_only_refusal(allowed) is None
+    for refused, name in (
+        (Input(data="x"), "input"),
+        (CloseStdin(), "close_stdin"),
+        (Resize(cols=80, rows=24), "resize"),
+    ):
+        error = read_only_refusal(refused)
+        assert error is not None and error.error_type == "InvalidRequest"
+        assert error.error.startswith("read-only attachment: ") and name in error.error
+
+
+def test_execute_takes_the_window_size_extension_within_bounds() -> None:
+    msg = decode_client('{"type":"execute","command":"x","pty":true,"cols":132,"rows":43}')
+    assert isinstance(msg, Execute) and (msg.cols, msg.rows) == (132, 43)
+    bare = decode_client('{"type":"execute","command":"x"}')
+    assert isinstance(bare, Execute) and (bare.cols, bare.rows) == (None, None)
+    with pytest.raises(InvalidRequest, match="cols"):
+        decode_client('{"type":"execute","command":"x","cols":0}')

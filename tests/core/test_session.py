@@ -237,3 +237,64 @@ def test_with_no_client_attached_reading_never_waits() -> None:
     s = make()
     s.stdout.append(b"x" * 1024)
     assert s.may_read(Stream.STDOUT, 100.0, 65536)
+
+
+# ---- watchers (reconnect with "watch": true) -----------------------------------------
+
+
+def test_a_watcher_neither_stops_nor_resets_the_idle_clock() -> None:
+    s = make(timeout_seconds=0, idle_timeout_seconds=10)
+    a = s.attach(100.0)
+    s.detach(a, 105.0)  # the clock starts: due at 115
+    w = s.attach(106.0, watch=True)
+    assert s.next_deadline() == 115.0  # a watcher does not stop it ...
+    assert s.detach(w, 110.0) == []
+    assert s.next_deadline() == 115.0  # ... and leaving does not restart it
+    assert s.on_timer(115.0) == [KillTree(EndReason.IDLE)]
+
+
+def test_a_watcher_attached_while_a_client_is_there_leaves_the_clock_paused() -> None:
+    s = make(timeout_seconds=0, idle_timeout_seconds=10)
+    a = s.attach(100.0)
+    w = s.attach(101.0, watch=True)
+    assert s.detach(w, 102.0) == []
+    assert s.next_deadline() == math.inf  # the client is still attached
+    s.detach(a, 103.0)
+    assert s.next_deadline() == 113.0
+
+
+def test_a_watcher_leaving_never_triggers_kill_on_disconnect() -> None:
+    s = make(kill_on_disconnect=True)
+    w = s.attach(100.0, watch=True)
+    assert s.detach(w, 101.0) == []  # nobody attached, but it was only a watcher
+    a = s.attach(102.0)
+    w2 = s.attach(102.0, watch=True)
+    assert s.detach(a, 103.0) == [KillTree(EndReason.DISCONNECT)]  # a watcher is no client
+    assert s.detach(w2, 104.0) == []
+
+
+def test_watchers_are_counted_apart_from_clients() -> None:
+    s = make()
+    a = s.attach(100.0)
+    w = s.attach(100.0, watch=True)
+    assert s.attachments == [a] and s.watchers == [w]
+    assert w.watch and not a.watch
+
+
+def test_a_watcher_that_keeps_up_paces_the_command_like_a_client() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    s.attach(100.0, stdout_offset=1000)
+    s.attach(100.0, stdout_offset=900, watch=True)
+    assert s.may_read(Stream.STDOUT, 100.0, 412)  # 100 + 412 = 512 ahead of the watcher
+    assert not s.may_read(Stream.STDOUT, 100.0, 413)
+
+
+def test_a_watcher_cut_off_lingers_for_pacing_like_a_client() -> None:
+    s = make()  # stall_seconds is 5
+    s.stdout.append(b"x" * 1000)
+    w = s.attach(100.0, stdout_offset=900, watch=True)
+    s.detach(w, 101.0)
+    assert s.lingering == [w]
+    assert not s.may_read(Stream.STDOUT, 102.0, 413)
+    assert s.may_read(Stream.STDOUT, 106.0, 413)  # gone stall_seconds: no longer paces

@@ -574,3 +574,114 @@ async def test_commands_never_see_the_daemons_private_environment(
     seen = dict(line.split("=", 1) for line in t.text("stdout").splitlines() if "=" in line)
     assert seen["IMAGE_SETTING"] == "visible"
     assert not {"NOTIFY_SOCKET", "LISTEN_FDS", "WATCHDOG_USEC", "SANDBOXD_TOKEN"} & seen.keys()
+
+
+# ---- the "watch" extension of reconnect -------------------------------------------------
+
+
+async def test_a_watcher_gets_started_output_from_its_offsets_and_the_exit(
+    daemon: Daemon,
+) -> None:
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.start(command="echo one; echo two >&2; exit 3", command_id=command_id)
+            await client.collect()
+        async with exec_socket(daemon.ws) as watcher:
+            await watcher.send(type="reconnect", command_id=command_id, stdout_offset=2, watch=True)
+            t = await watcher.collect()
+    assert t.types[0] == "started" and t.frames[0]["command_id"] == command_id
+    assert t.text("stdout") == "e\n" and t.text("stderr") == "two\n"
+    t.assert_contiguous(stdout_from=2)
+    assert t.terminal["exit_code"] == 3 and t.close_code == 1000
+
+
+async def test_a_watcher_is_refused_input_close_stdin_and_resize_and_reads_on(
+    daemon: Daemon,
+) -> None:
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client, exec_socket(daemon.ws) as watcher:
+            await client.start(command="read x; echo got $x", command_id=command_id, pty=True)
+            await watcher.send(type="reconnect", command_id=command_id, watch=True)
+            await watcher.recv_until("started")
+            for frame in (
+                {"type": "input", "data": "from-watcher\n"},
+                {"type": "close_stdin"},
+                {"type": "resize", "cols": 10, "rows": 5},
+            ):
+                await watcher.send(**frame)
+                error = await watcher.recv_until("error")
+                assert error["error_type"] == "InvalidRequest"
+                assert error["error"].startswith("read-only attachment: ")
+                assert frame["type"] in error["error"]
+            live = daemon.running.supervisor.sessions[command_id]
+            assert live.status is None  # the command is untouched
+            await client.send(type="input", data="from-client\n")
+            await watcher.recv_until_text("stdout", "got from-client")
+            t = await watcher.collect()
+    assert "from-watcher" not in t.text("stdout")
+    assert t.terminal["exit_code"] == 0 and t.close_code == 1000
+
+
+async def test_a_watcher_may_signal_and_kill(daemon: Daemon) -> None:
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.start(
+                command="trap 'echo got-int' INT; while :; do sleep 0.05; done",
+                command_id=command_id,
+            )
+            async with exec_socket(daemon.ws) as watcher:
+                await watcher.send(type="reconnect", command_id=command_id, watch=True)
+                await watcher.recv_until("started")
+                await trio.sleep(0.2)  # the trap is set
+                await watcher.send(type="signal", signal="INT")
+                await watcher.recv_until_text("stdout", "got-int")
+                await watcher.send(type="kill")
+                assert (await watcher.recv_until("exit"))["exit_code"] == 137
+            assert (await client.recv_until("exit"))["reason"] == "killed"
+
+
+async def test_a_watcher_leaving_never_triggers_kill_on_disconnect(daemon: Daemon) -> None:
+    command_id = new_id()
+    with trio.fail_after(10):
+        async with exec_socket(daemon.ws) as client:
+            await client.start(command="sleep 60", command_id=command_id, kill_on_disconnect=True)
+            live = daemon.running.supervisor.sessions[command_id]
+            async with exec_socket(daemon.ws) as watcher:
+                await watcher.send(type="reconnect", command_id=command_id, watch=True)
+                await watcher.recv_until("started")
+                assert daemon.running.supervisor.snapshot()[-1]["watchers"] == 1
+                await client.stream.aclose()  # the only client drops: the command dies
+                assert (await watcher.recv_until("exit"))["reason"] == "disconnect"
+        command_id = new_id()
+        async with exec_socket(daemon.ws) as client:
+            await client.start(command="sleep 60", command_id=command_id, kill_on_disconnect=True)
+            live = daemon.running.supervisor.sessions[command_id]
+            for _ in range(3):
+                async with exec_socket(daemon.ws) as watcher:
+                    await watcher.send(type="reconnect", command_id=command_id, watch=True)
+                    await watcher.recv_until("started")
+            await trio.sleep(0.3)
+            assert live.status is None, "a watcher leaving killed the command"
+            await client.send(type="kill")
+            await client.recv_until("exit")
+
+
+async def test_a_watcher_does_not_keep_an_idle_command_alive(daemon: Daemon) -> None:
+    command_id = new_id()
+    with trio.fail_after(15):
+        async with exec_socket(daemon.ws) as client:
+            await client.start(command="sleep 60", command_id=command_id, idle_timeout_seconds=1)
+        async with exec_socket(daemon.ws) as watcher:
+            await watcher.send(type="reconnect", command_id=command_id, watch=True)
+            await watcher.recv_until("started")
+            exit_frame = await watcher.recv_until("exit")  # killed while it watched
+    assert exit_frame["reason"] == "idle" and exit_frame["exit_code"] == 137
+
+
+async def test_a_pty_command_starts_with_the_window_size_sent_in_execute(daemon: Daemon) -> None:
+    with trio.fail_after(10):
+        t = await run_command(daemon.ws, "stty size", pty=True, cols=101, rows=37)
+    assert t.text("stdout").strip() == "37 101"

@@ -176,3 +176,32 @@ async def test_get_or_create_with_a_known_id_never_spawns_again(
     assert created and not created_again and first is again
     assert len(children.writers) == 1
     children.kill_tree(first.child.pid, signal.SIGKILL)
+
+
+async def test_a_watcher_does_not_hold_off_or_restart_the_idle_kill(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    live, _ = await supervisor.get_or_create(execute(timeout_seconds=0, idle_timeout_seconds=300))
+    created_at = trio.current_time()
+    await trio.sleep(200)
+    watcher = supervisor.attach(live, 0, 0, watch=True)
+    await trio.sleep(50)
+    supervisor.detach(live, watcher)
+    await live.reaped.wait()
+    assert children.kills == [(live.child.pid, created_at + 300)]
+    assert supervisor.snapshot()[0]["watchers"] == 0
+
+
+async def test_sessions_report_watchers_apart_from_clients(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    live, _ = await supervisor.get_or_create(execute(timeout_seconds=0))
+    client = supervisor.attach(live, 0, 0)
+    watchers = [supervisor.attach(live, 0, 0, watch=True) for _ in range(2)]
+    [row] = supervisor.snapshot()
+    assert (row["clients"], row["watchers"]) == (1, 2)
+    for attachment in [client, *watchers]:
+        supervisor.detach(live, attachment)
+    children.kill_tree(live.child.pid, signal.SIGKILL)

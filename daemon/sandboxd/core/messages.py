@@ -29,8 +29,15 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=False):
 # ---- client -> server -------------------------------------------------------------
 
 
+WindowSide = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
 class Execute(msgspec.Struct, tag="execute", tag_field="type"):
-    """Start a command, or attach to the one already known under ``command_id``."""
+    """Start a command, or attach to the one already known under ``command_id``.
+
+    ``cols`` and ``rows`` (a sandboxd extension the SDKs never send) give a PTY command
+    its window size from the start; without them it gets ``--pty-cols``/``--pty-rows``.
+    """
 
     command: str
     command_id: str | None = None
@@ -44,14 +51,22 @@ class Execute(msgspec.Struct, tag="execute", tag_field="type"):
     run_config: RunConfig | None = None
     close_stdin: bool = False
     pty: bool = False
+    cols: WindowSide | None = None
+    rows: WindowSide | None = None
 
 
 class Reconnect(msgspec.Struct, tag="reconnect", tag_field="type"):
-    """Attach to a known command and resume each stream from a byte offset."""
+    """Attach to a known command and resume each stream from a byte offset.
+
+    ``watch`` (a sandboxd extension the SDKs never send) attaches read-only, as a watcher
+    that is not a client for the idle clock or ``kill_on_disconnect`` (``session.py``);
+    its ``input``, ``close_stdin`` and ``resize`` frames are refused (``read_only_refusal``).
+    """
 
     command_id: str
     stdout_offset: NonNegative = 0
     stderr_offset: NonNegative = 0
+    watch: bool = False
 
 
 class Input(msgspec.Struct, tag="input", tag_field="type"):
@@ -77,12 +92,14 @@ class Signal(msgspec.Struct, tag="signal", tag_field="type"):
 class Resize(msgspec.Struct, tag="resize", tag_field="type"):
     """Set a PTY command's window size."""
 
-    cols: Annotated[int, msgspec.Meta(ge=1, le=65535)]
-    rows: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    cols: WindowSide
+    rows: WindowSide
 
 
 ClientMessage = Execute | Reconnect | Input | CloseStdin | Kill | Signal | Resize
 ControlMessage = Input | CloseStdin | Kill | Signal | Resize
+#: What a watching attachment may not send: the frames that write to the command.
+WRITING_MESSAGES = (Input, CloseStdin, Resize)
 
 _decoder = msgspec.json.Decoder(ClientMessage)
 
@@ -172,6 +189,21 @@ class Error(msgspec.Struct, tag="error", tag_field="type"):
 
 
 ServerMessage = Started | Stdout | Stderr | Gap | Exit | Error
+
+
+def read_only_refusal(message: ControlMessage) -> Error | None:
+    """The ``error`` frame a watching attachment gets for ``message``; None if allowed.
+
+    The refusal is not terminal: the socket stays open and the command is untouched.
+    """
+    if not isinstance(message, WRITING_MESSAGES):
+        return None
+    tag = type(message).__struct_config__.tag
+    return Error(
+        error_type="InvalidRequest",
+        error=f"read-only attachment: {tag} is not allowed on a watching reconnect",
+    )
+
 
 _encoder = msgspec.json.Encoder()
 

@@ -14,6 +14,12 @@ the supervisor carries out. The rules:
   long. The clock starts when the last client leaves and stops when one attaches. -1 and 0
   both mean never (0 as for ``timeout_seconds``: no limit).
 * ``kill_on_disconnect`` kills the command when its last client leaves.
+* A *watching* attachment (``reconnect`` with ``"watch": true``, a sandboxd extension)
+  receives output exactly like a client and paces the command like one (a watcher that
+  keeps up gets every byte), but it is not a client: attaching does not stop or reset the
+  idle clock, leaving never starts it or triggers ``kill_on_disconnect``, and it may not
+  write (``input``, ``close_stdin`` and ``resize`` are refused; ``signal`` and ``kill``
+  are allowed). ``logs``, ``ps``, ``kill`` and read-only attaches watch.
 * ``ttl_seconds`` >= 0 keeps a finished session that long after it finished (0: it goes at
   once, though clients already attached still read it to the end); -1 keeps it forever.
 * A kill asked for while one is already under way changes nothing: the first reason is
@@ -118,13 +124,15 @@ class Attachment:
     """One attached client: its own cursor in each stream.
 
     ``waiting`` is true while the client has taken everything and is parked until more
-    output comes: it is ready, however long ago its ``last_progress`` was.
+    output comes: it is ready, however long ago its ``last_progress`` was. ``watch`` marks
+    a watching (read-only) attachment: see the module docstring.
     """
 
     stdout_cursor: int
     stderr_cursor: int
     last_progress: float
     waiting: bool = False
+    watch: bool = False
 
     def cursor(self, stream: Stream) -> int:
         """The next byte this client wants from ``stream``."""
@@ -153,6 +161,7 @@ class Session:
     stall_seconds: float = 5.0
     state: SessionState = SessionState.RUNNING
     attachments: list[Attachment] = field(default_factory=list)
+    watchers: list[Attachment] = field(default_factory=list)
     lingering: list[Attachment] = field(default_factory=list)
     idle_since: float | None = None
     kill_reason: EndReason | None = None
@@ -191,11 +200,16 @@ class Session:
 
     # ---- clients ----------------------------------------------------------------
 
-    def attach(self, now: float, stdout_offset: int = 0, stderr_offset: int = 0) -> Attachment:
-        """A client attached; the idle clock stops."""
-        attachment = Attachment(stdout_offset, stderr_offset, now)
-        self.attachments.append(attachment)
-        self.idle_since = None
+    def attach(
+        self, now: float, stdout_offset: int = 0, stderr_offset: int = 0, *, watch: bool = False
+    ) -> Attachment:
+        """A client attached; the idle clock stops. A watcher leaves the clock alone."""
+        attachment = Attachment(stdout_offset, stderr_offset, now, watch=watch)
+        if watch:
+            self.watchers.append(attachment)
+        else:
+            self.attachments.append(attachment)
+            self.idle_since = None
         return attachment
 
     def detach(self, attachment: Attachment, now: float) -> list[Effect]:
@@ -204,16 +218,18 @@ class Session:
         While the command runs, the cursor of a client that left keeps pacing for
         ``stall_seconds`` (it *lingers*): a client cut off by the network reconnects
         within that time and finds every byte it had not received. It counts for nothing
-        else (not for the idle clock, not for ``kill_on_disconnect``).
+        else (not for the idle clock, not for ``kill_on_disconnect``). A watcher leaving
+        lingers the same way and changes nothing else.
         """
-        if attachment in self.attachments:
-            self.attachments.remove(attachment)
+        clients = self.watchers if attachment.watch else self.attachments
+        if attachment in clients:
+            clients.remove(attachment)
             if self.state is SessionState.RUNNING and not self.lifetimes.kill_on_disconnect:
                 attachment.waiting = False
                 attachment.last_progress = now
                 self._forget_lingering(now)
                 self.lingering.append(attachment)
-        if self.attachments:
+        if attachment.watch or self.attachments:
             return []
         self.idle_since = now
         if self.lifetimes.kill_on_disconnect:
@@ -254,14 +270,14 @@ class Session:
         it, or progress within ``stall_seconds``) and is no more than
         ``capacity // LAG_LIMIT`` behind the leading client. A client that went quiet or
         fell that far behind stops pacing and may later see a gap; it paces again once
-        it catches up. Lingering cursors of clients that left count until they have
-        been gone ``stall_seconds``. With nobody attached or lingering, reading never
-        waits.
+        it catches up. Watchers pace exactly like clients. Lingering cursors of clients
+        that left count until they have been gone ``stall_seconds``. With nobody
+        attached or lingering, reading never waits.
         """
         self._forget_lingering(now)
         cursors = [
             a.cursor(stream)
-            for clients in (self.attachments, self.lingering)
+            for clients in (self.attachments, self.watchers, self.lingering)
             for a in clients
             if a.waiting or now - a.last_progress < self.stall_seconds
         ]

@@ -35,6 +35,7 @@ from sandboxd.core.messages import (
     Stdout,
     decode_client,
     encode_text,
+    read_only_refusal,
 )
 from sandboxd.core.session import Attachment, Stream
 from sandboxd.runtime import process
@@ -121,6 +122,11 @@ class ExecConnection:
                 return
 
     async def _apply(self, live: LiveSession, message: ControlMessage) -> None:
+        if self._attachment is not None and self._attachment.watch:
+            refusal = read_only_refusal(message)
+            if refusal is not None:
+                await self._send(refusal)  # not terminal: the watcher reads on
+                return
         match message:
             case Input(data=data):
                 await live.queue_input(data.encode())
@@ -151,6 +157,7 @@ class ExecConnection:
                 live = supervisor.lookup(message.command_id)
                 created = False
                 offsets = (message.stdout_offset, message.stderr_offset)
+            watch = isinstance(message, Reconnect) and message.watch
         except SandboxdError as exc:
             log.info(
                 "request refused",
@@ -159,13 +166,14 @@ class ExecConnection:
             await self._fail(exc)
             return False
         self.live = live
-        self._attachment = supervisor.attach(live, *offsets)
+        self._attachment = supervisor.attach(live, *offsets, watch=watch)
         log.debug(
             "client attached",
             extra={
                 "command_id": live.command_id,
                 "peer": self._peer,
                 "via": "execute" if created else type(message).__name__.lower(),
+                "watch": watch,
                 "stdout_offset": offsets[0],
                 "stderr_offset": offsets[1],
             },

@@ -9,7 +9,6 @@ Clients never touch fds: they read rings through their own ``Attachment``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from sandboxd.core.session import (
 )
 from sandboxd.core.utf8 import Utf8Sanitizer
 from sandboxd.runtime import process
+from sandboxd.runtime.fdread import read_available
 
 log = logging.getLogger("sandboxd.supervisor")
 
@@ -196,7 +196,7 @@ class LiveSession:
                 while not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
                     with trio.move_on_after(stall_seconds):
                         await self._consumed.wait()
-                data, ended = _read_available(fd, CHUNK_BYTES)
+                data, ended = read_available(fd, CHUNK_BYTES)
                 if data is None:
                     await trio.lowlevel.wait_readable(fd)
                     continue
@@ -210,32 +210,6 @@ class LiveSession:
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
             self.notify_changed()
-
-
-def _read_available(fd: int, limit: int) -> tuple[bytes | None, bool]:
-    """Up to ``limit`` bytes that can be read now: (data, ended).
-
-    ``data`` is None when nothing is ready. ``ended`` is true at EOF, or at EIO, which is
-    how a PTY master reports that every holder of its slave has gone.
-    """
-    parts: list[bytes] = []
-    total = 0
-    while total < limit:
-        try:
-            piece = os.read(fd, limit - total)
-        except BlockingIOError:
-            break
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            return b"".join(parts), True
-        if not piece:
-            return b"".join(parts), True
-        parts.append(piece)
-        total += len(piece)
-    if not parts:
-        return None, False
-    return parts[0] if len(parts) == 1 else b"".join(parts), False
 
 
 class Supervisor:
@@ -351,15 +325,19 @@ class Supervisor:
             user=run_config.user if run_config else None,
             pty=msg.pty,
             close_stdin=msg.close_stdin,
-            cols=self.config.pty_cols,
-            rows=self.config.pty_rows,
+            cols=msg.cols or self.config.pty_cols,
+            rows=msg.rows or self.config.pty_rows,
         )
 
     # ---- clients --------------------------------------------------------------------
 
-    def attach(self, live: LiveSession, stdout_offset: int, stderr_offset: int) -> Attachment:
-        """Attach a client at the given offsets."""
-        attachment = live.core.attach(trio.current_time(), stdout_offset, stderr_offset)
+    def attach(
+        self, live: LiveSession, stdout_offset: int, stderr_offset: int, *, watch: bool = False
+    ) -> Attachment:
+        """Attach a client (or, with ``watch``, a watcher) at the given offsets."""
+        attachment = live.core.attach(
+            trio.current_time(), stdout_offset, stderr_offset, watch=watch
+        )
         live.reschedule()
         return attachment
 
@@ -486,6 +464,7 @@ class Supervisor:
                     "state": core.state.value,
                     "pty": live.child.pty,
                     "clients": len(core.attachments),
+                    "watchers": len(core.watchers),
                     "stdout_bytes": core.stdout.end,
                     "stderr_bytes": core.stderr.end,
                     "stdout_retained": core.stdout.size,
