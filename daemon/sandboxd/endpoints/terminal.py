@@ -96,9 +96,11 @@ class Asset:
         return self._gzipped
 
 
-def load_assets(root: pathlib.Path = WEB_DIR) -> dict[str, Asset]:
-    """The routes and files of the terminal; ``/`` is the missing-files page when any
-    vendored file is absent (and the page's scripts are then not served at all)."""
+def load_assets(root: pathlib.Path | None = None) -> dict[str, Asset]:
+    """The routes and files of the terminal (from ``WEB_DIR`` unless ``root`` is given);
+    ``/`` is the missing-files page when any vendored file is absent (and the page's
+    scripts are then not served at all)."""
+    root = WEB_DIR if root is None else root
     vendor = root / "vendor"
     complete = all((vendor / name).is_file() for name in VENDOR_FILES)
     if not complete or not (root / "index.html").is_file():
@@ -114,7 +116,7 @@ def load_assets(root: pathlib.Path = WEB_DIR) -> dict[str, Asset]:
 class TerminalFiles:
     """Serves the terminal's files from memory."""
 
-    def __init__(self, root: pathlib.Path = WEB_DIR) -> None:
+    def __init__(self, root: pathlib.Path | None = None) -> None:
         self.assets = load_assets(root)
 
     @property

@@ -311,7 +311,10 @@ function socketUrl() {
 }
 
 function bindingFrame() {
-  if (!view.started && view.create) return view.create; // get-or-create by command_id
+  if (!view.started && view.create) {
+    // get-or-create by command_id; the window size comes along (a sandboxd extension)
+    return { ...view.create, cols: term.cols, rows: term.rows };
+  }
   const frame = {
     type: "reconnect",
     command_id: view.id,
@@ -542,7 +545,8 @@ function renderSessions() {
     cell(row, state, `state-${s.state}`);
     cell(row, s.command, "command").title = s.command;
     cell(row, String(s.pid));
-    cell(row, String(s.clients));
+    const watchers = s.watchers || 0;
+    cell(row, watchers ? `${s.clients} + ${watchers} watching` : String(s.clients));
     cell(row, s.exit_code === null || s.exit_code === undefined ? "" : String(s.exit_code));
     row.addEventListener("click", () => {
       if (!view || view.id !== s.command_id) openSession(s.command_id, { command: s.command, pty: s.pty, mode: "watch" });
