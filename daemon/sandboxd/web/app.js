@@ -297,6 +297,7 @@ function restoreView() {
     term.write(view.shown, () => { suppressInput = false; });
   }
   updateBar();
+  term.focus();
   if (!view.ended) connect();
 }
 
