@@ -17,14 +17,12 @@ import pathlib
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -32,6 +30,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from sandboxd.endpoints.terminal import WEB_DIR
+from tests.sdk.conftest import DaemonProcess, daemon_process
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "browser-test token/+=?"
@@ -113,47 +112,15 @@ class Proxy:
         self.cut()
 
 
-@dataclass
-class DaemonProcess:
-    """sandboxd as a subprocess; its log lines are collected as they come."""
-
-    proc: subprocess.Popen[str]
-    address: str
-    logs: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    env = {**os.environ, "SANDBOXD_TOKEN": TOKEN}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sandboxd", "--listen", "127.0.0.1:0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stderr is not None
-    first = proc.stderr.readline()
-    running = DaemonProcess(proc, json.loads(first)["address"], [first])
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            running.logs.append(line)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
+    with daemon_process("--token", TOKEN) as running:
         yield running
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        reader.join(timeout=10)
-        proc.stderr.close()
-    assert not any(TOKEN in line for line in running.logs), "the token reached the log"
+    assert not [e for e in running.logs if TOKEN in json.dumps(e)], "the token reached the log"
+
+
+def refusals_logged(daemon: DaemonProcess, status: int) -> int:
+    return len([e for e in list(daemon.logs) if e.get("status") == status])
 
 
 @pytest.fixture(scope="module")
@@ -456,7 +423,7 @@ def test_a_foreign_origin_cannot_open_the_socket(browser: Any, daemon: DaemonPro
         try:
             page = context.new_page()
             page.goto(foreign)
-            refused = len([line for line in daemon.logs if '"status":403' in line])
+            refused = refusals_logged(daemon, 403)
             outcome = page.evaluate(try_socket, arguments)
             page.goto(f"{daemon.url}/#token={quote(TOKEN)}")
             own = page.evaluate(try_socket, arguments)
@@ -465,7 +432,7 @@ def test_a_foreign_origin_cannot_open_the_socket(browser: Any, daemon: DaemonPro
     assert outcome == "closed 1006"
     assert own == "open sandboxd.v1"
     Page(page, []).wait(
-        lambda: len([line for line in daemon.logs if '"status":403' in line]) == refused + 1,
+        lambda: refusals_logged(daemon, 403) == refused + 1,
         "the daemon's 403",
     )
 
