@@ -315,9 +315,9 @@ def test_the_window_size_follows_the_viewport(browser: Any, daemon: DaemonProces
         assert sizes[0][0] > sizes[1][0] and sizes[0][1] > sizes[1][1], sizes
 
 
-# A command that prints L1..L1500 over a second or two, then DONE.
+# A command that prints L1..L1500 over five seconds or more, then DONE.
 STREAM = (
-    'for i in $(seq 1 1500); do echo L$i; [ $((i % 60)) = 0 ] && sleep 0.1; done; echo DO""NE\n'
+    'for i in $(seq 1 1500); do echo L$i; [ $((i % 30)) = 0 ] && sleep 0.1; done; echo DO""NE\n'
 )
 
 
@@ -335,6 +335,7 @@ def test_a_cut_socket_resumes_with_no_line_missing_or_twice(browser: Any, proxy:
         proxy.cut()  # the network drops: the browser sees 1006
         tab.wait(lambda: len(shown_lines(tab.text(), "L")) >= 700, "L700 after the cut")
         tab.js("() => window.__sandboxd.ws().close(4000)")  # the page's own socket closes
+        tab.wait(lambda: tab.js("() => window.__sandboxd.stats.connects") >= 3, "a reconnect")
         text = tab.wait_text(r"^DONE$", seconds=40)
         assert_every_line_once(text)
         stats = tab.js("() => window.__sandboxd.stats")
@@ -396,7 +397,7 @@ def test_an_attached_session_is_read_only_at_the_daemon(
 
 
 def test_a_command_with_markup_is_listed_as_text(browser: Any, daemon: DaemonProcess) -> None:
-    command = "echo '<img src=x onerror=window.__pwned=1>' && sleep 30"
+    command = "echo '<img src=x onerror=window.__pwned=1>'; echo second-line; sleep 30"
     command_id = start_session(daemon, command, pty=False)
     with open_page(browser, daemon.url) as tab:
         tab.ready()
@@ -404,6 +405,9 @@ def test_a_command_with_markup_is_listed_as_text(browser: Any, daemon: DaemonPro
         cell.wait_for()
         assert cell.inner_text() == command
         assert tab.page.locator("#sessions img").count() == 0
+        # Its output, in the terminal: text too, and a pipe's "\n" starts a new line.
+        tab.page.click(f"#sessions tr[data-id='{command_id}']")
+        tab.wait_text(r"^<img src=x onerror=window.__pwned=1>\nsecond-line$")
         assert tab.js("() => window.__pwned === undefined")
         tab.clean()
 

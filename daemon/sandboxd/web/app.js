@@ -267,6 +267,7 @@ function openSession(id, fields) {
   closeConnection();
   view = newView(id, fields);
   term.reset();
+  term.options.convertEol = !view.pty; // a pipe's "\n" is a new line; a PTY's is not
   save();
   updateBar();
   connect();
@@ -290,6 +291,7 @@ function restoreView() {
   if (!saved || typeof saved.id !== "string") return;
   view = saved;
   term.reset();
+  term.options.convertEol = !view.pty;
   if (view.shown) {
     // The terminal answers queries found in old output (e.g. cursor position); those
     // answers are not typing and must not reach the command again.
