@@ -193,15 +193,7 @@ class Page:
         )
 
     def attached(self) -> None:
-        self.wait(
-            lambda: (
-                self.js("() => !!(window.__sandboxd.view() && window.__sandboxd.view().started)")
-                and self.js(
-                    "() => window.__sandboxd.ws() && window.__sandboxd.ws().readyState === 1"
-                )
-            ),
-            "an attached socket",
-        )
+        self.wait(lambda: self.js("() => window.__sandboxd.attached()"), "an attached socket")
 
     def new_shell(self) -> str:
         self.page.click("#new-shell")
@@ -387,10 +379,14 @@ def test_an_attached_session_is_read_only_at_the_daemon(
         assert tab.js("() => window.__sandboxd.ws().readyState") == 1  # still attached
         # Typing on: the same socket's successor writes; input sent in order after the
         # refused one runs, so had the refused one run, the file would exist by now.
-        tab.page.check("#typing")
-        tab.attached()
-        tab.page.click("#terminal")
-        tab.type("echo typed-$((40+2))\n")
+        # Keys typed in the same instant as the toggle wait for the new socket.
+        tab.js(
+            """() => {
+                 document.getElementById('typing').click();
+                 window.__sandboxd.term.input('echo typed-$((40+2))\\r');
+               }"""
+        )
+        assert tab.js("() => document.getElementById('typing').checked")
         tab.wait_text(r"^typed-42$")
         assert not victim.exists()
         tab.clean()

@@ -336,6 +336,16 @@ function send(frame) {
   return false;
 }
 
+/** Keys typed while a socket is still attaching wait for it (a few KB at most); they are
+ * dropped if that socket fails, never replayed into a later one. */
+const PENDING_INPUT_LIMIT = 4096;
+function sendInput(data) {
+  if (send({ type: "input", data })) return;
+  if (conn && !conn.started && conn.pending.length + data.length <= PENDING_INPUT_LIMIT) {
+    conn.pending += data;
+  }
+}
+
 /** Open a socket for the view. `previous` (a mode switch) is closed once this one is
  * attached, so a command with kill_on_disconnect never sees zero clients in between. */
 function connect(previous = null) {
@@ -350,7 +360,7 @@ function connect(previous = null) {
     setStatus(`cannot open the socket: ${error.message}`, true);
     return;
   }
-  const mine = { ws, opened: false, started: false, exited: false, error: null, previous };
+  const mine = { ws, opened: false, started: false, exited: false, error: null, previous, pending: "" };
   conn = mine;
   stats.connects++;
   setStatus(attempt ? `reconnecting (attempt ${attempt + 1})…` : "connecting…");
@@ -385,7 +395,11 @@ function receive(mine, frame) {
         mine.previous = null;
       }
       setStatus(view.mode === "write" ? `attached, typing on (pid ${frame.pid})` : `watching, read-only (pid ${frame.pid})`);
-      if (view.mode === "write") sendSize();
+      if (view.mode === "write") {
+        sendSize();
+        if (mine.pending) send({ type: "input", data: mine.pending });
+      }
+      mine.pending = "";
       scheduleSave();
       break;
     case "stdout":
@@ -509,7 +523,7 @@ term.onData((data) => {
     setStatus("read-only: turn typing on to send input");
     return;
   }
-  send({ type: "input", data });
+  sendInput(data);
 });
 
 term.attachCustomKeyEventHandler((event) => {
@@ -647,6 +661,7 @@ function exposeForTests() {
   window.__sandboxd = {
     term,
     ws: () => (conn ? conn.ws : null),
+    attached: () => !!(conn && conn.started && conn.ws.readyState === WebSocket.OPEN),
     view: () => view,
     offsets: () => (view ? { ...view.offsets } : null),
     text: screenText,
