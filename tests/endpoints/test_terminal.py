@@ -12,7 +12,12 @@ import pytest
 import trio
 
 from sandboxd.endpoints import terminal
-from sandboxd.endpoints.terminal import CONTENT_SECURITY_POLICY, VENDOR_FILES, load_assets
+from sandboxd.endpoints.terminal import (
+    CONTENT_SECURITY_POLICY,
+    PAGE_FILES,
+    VENDOR_FILES,
+    load_assets,
+)
 from tests.helpers import http_request, running_daemon
 
 TOKEN = "terminal-test-token"
@@ -83,7 +88,7 @@ async def test_the_files_need_no_token_and_lead_to_no_data() -> None:
 async def test_without_the_vendored_files_the_page_says_how_to_add_them(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("index.html", "app.js", "app.css"):
+    for name in ("index.html", *PAGE_FILES):
         (tmp_path / name).write_bytes((terminal.WEB_DIR / name).read_bytes())
     (tmp_path / "vendor").mkdir()
     (tmp_path / "vendor" / "xterm.mjs").write_text("// only one of them")

@@ -25,7 +25,7 @@ from sandboxd.http.asgi import Receive, Scope, Send, header, respond
 WEB_DIR = pathlib.Path(__file__).resolve().parent.parent / "web"
 
 #: The page's own files, served at ``/static/<name>``.
-PAGE_FILES = ("app.js", "app.css")
+PAGE_FILES = ("app.js", "api.js", "viewer.js", "app.css")
 #: The npm files ``make web`` copies into ``web/vendor/``, served at ``/static/vendor/<name>``.
 VENDOR_FILES = (
     "xterm.mjs",
