@@ -8,7 +8,7 @@ TS_DIR := tests/sdk/ts
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench soak dist venv node tools build-tools clean
+.PHONY: run test lint bench soak dist venv node web tools build-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,26 @@ $(TS_STAMP): $(TS_DIR)/package.json
 
 node: $(TS_STAMP)
 
+# The browser terminal's xterm.js files: pinned in packaging/web/package-lock.json, fetched
+# from the npm registry and copied into the package (daemon/sandboxd/web/vendor/, not
+# committed), so the wheel and the single-file build carry them.
+WEB_NPM := packaging/web
+WEB_VENDOR := daemon/sandboxd/web/vendor
+WEB_ASSETS := $(WEB_VENDOR)/xterm.mjs
+$(WEB_ASSETS): $(WEB_NPM)/package.json $(WEB_NPM)/package-lock.json packaging/vendor_web.py
+	command -v npm >/dev/null 2>&1 || { apt-get update && apt-get install -y --no-install-recommends nodejs npm; }
+	cd $(WEB_NPM) && npm ci --no-audit --no-fund --loglevel=error
+	$(PYTHON) packaging/vendor_web.py
+
+web: $(WEB_ASSETS)
+
 # Debian packages the tests and benchmarks use: websocketd (the benchmarks' anchor),
-# systemd-analyze (checks the unit files), unshare (PID 1 tests; util-linux).
+# systemd-analyze (checks the unit files), unshare (PID 1 tests; util-linux), chromium
+# (the browser terminal's tests drive it with Playwright; `playwright install` is never run).
 tools:
 	@missing=""; \
 	command -v websocketd >/dev/null 2>&1 || missing="$$missing websocketd"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
@@ -41,7 +56,7 @@ build-tools:
 	[ -f /usr/include/zlib.h ] || missing="$$missing zlib1g-dev"; \
 	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
 
-run: $(STAMP)
+run: $(STAMP) $(WEB_ASSETS)
 	$(BIN)/sandboxd --listen 127.0.0.1:8080
 
 lint: $(STAMP)
@@ -49,7 +64,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check daemon tests packaging
 	$(BIN)/mypy --strict daemon packaging
 
-test: $(STAMP) $(TS_STAMP) tools lint dist
+test: $(STAMP) $(TS_STAMP) $(WEB_ASSETS) tools lint dist
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The long hardening runs (several minutes): chaos (100 MB cut 100 times under the SDK),
@@ -68,9 +83,11 @@ $(LAUNCHER): packaging/launcher.c | build-tools
 	mkdir -p build
 	$(CC) -O2 -s -static -Wall -Wextra -Werror -o $@ packaging/launcher.c -lz
 
-$(ONEDIR)/sandboxd: $(STAMP) packaging/entry.py $(shell find daemon/sandboxd -name "*.py")
+# --add-data takes an absolute path: PyInstaller resolves relative ones from --specpath.
+$(ONEDIR)/sandboxd: $(STAMP) $(WEB_ASSETS) packaging/entry.py $(shell find daemon/sandboxd -name "*.py" -o -path "*/web/*" -type f)
 	$(BIN)/pyinstaller --onedir --name sandboxd --paths daemon --distpath build/onedir \
 		--workpath build/pyinstaller --specpath build --noconfirm --log-level WARN \
+		--add-data "$(CURDIR)/daemon/sandboxd/web:sandboxd/web" \
 		packaging/entry.py
 
 $(DIST): $(LAUNCHER) $(ONEDIR)/sandboxd packaging/pack.py
@@ -84,4 +101,5 @@ bench: $(STAMP) tools
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) build dist $(TS_DIR)/node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist $(TS_DIR)/node_modules $(WEB_NPM)/node_modules $(WEB_VENDOR) \
+		.mypy_cache .ruff_cache .pytest_cache

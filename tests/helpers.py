@@ -133,9 +133,12 @@ class ExecClient:
 
 @asynccontextmanager
 async def open_ws(
-    url: str, headers: list[tuple[str, str]] | None = None
+    url: str,
+    headers: list[tuple[str, str]] | None = None,
+    subprotocols: list[str] | None = None,
 ) -> AsyncIterator[tuple[WebSocketConnection, trio.SocketStream]]:
-    """A client WebSocket over a TCP stream this helper owns and always closes.
+    """A client WebSocket over a TCP stream this helper owns and always closes;
+    ``subprotocols`` are offered as a browser would (the SDKs offer none).
 
     (trio-websocket leaves its own stream open after a server-initiated close.)
     """
@@ -147,9 +150,10 @@ async def open_ws(
             ws = await wrap_client_stream(
                 nursery,
                 stream,
-                parts.hostname,
+                parts.netloc,  # Host with its port, as browsers and the SDKs send it
                 parts.path or "/",
                 extra_headers=headers,
+                subprotocols=subprotocols,
                 message_queue_size=4,
                 max_message_size=SDK_MAX_MESSAGE,
             )
@@ -161,10 +165,12 @@ async def open_ws(
             await stream.aclose()
 
 
-async def rejection(url: str, headers: list[tuple[str, str]] | None = None) -> ConnectionRejected:
+async def rejection(
+    url: str, headers: list[tuple[str, str]] | None = None, subprotocols: list[str] | None = None
+) -> ConnectionRejected:
     """The refusal of an upgrade that must be refused (fails the test if it is accepted)."""
     try:
-        async with open_ws(url, headers):
+        async with open_ws(url, headers, subprotocols):
             pass
     except BaseExceptionGroup as group:
         matched, _ = group.split(ConnectionRejected)

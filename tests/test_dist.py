@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -161,6 +162,17 @@ def test_the_artifact_runs_as_pid_1_without_python_and_serves_the_sdk(
     assert pid1.reader is not None
     pid1.reader.join(timeout=10)
     assert [e["msg"] for e in pid1.logs if e.get("logger") == "sandboxd"][-1] == "stopped"
+
+
+def test_the_artifact_serves_the_browser_terminal_with_its_xterm_files(
+    pid1: DaemonProcess,
+) -> None:
+    with urllib.request.urlopen(f"{pid1.url}/", timeout=10) as page:
+        html = page.read()
+    with urllib.request.urlopen(f"{pid1.url}/static/vendor/xterm.mjs", timeout=10) as module:
+        xterm = module.read()
+    assert b'<script type="module" src="static/app.js">' in html  # not the missing-files page
+    assert xterm.rstrip().endswith(b"export{Dl as Terminal};")
 
 
 def test_orphans_of_a_process_that_entered_from_outside_are_reaped(pid1: DaemonProcess) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
@@ -12,8 +13,16 @@ from urllib.parse import quote
 import pytest
 import trio
 
+from sandboxd.endpoints.terminal import PAGE_FILES, VENDOR_FILES
 from sandboxd.http.app import WEBSOCKET_PATHS
-from sandboxd.http.auth import MAX_FAILURES, Gate
+from sandboxd.http.auth import (
+    MAX_FAILURES,
+    PUBLIC_PATHS,
+    PUBLIC_PREFIXES,
+    SUBPROTOCOL,
+    TOKEN_SUBPROTOCOL,
+    Gate,
+)
 from tests.helpers import (
     exec_socket,
     http_request,
@@ -71,6 +80,92 @@ def test_origins_must_match_exactly_when_present() -> None:
     assert gate.check("/execute/ws", {}.get, "p", 0.0, upgrade=True).allowed  # SDKs send none
 
 
+def _token_protocol(token: str) -> str:
+    return TOKEN_SUBPROTOCOL + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+
+
+def test_an_upgrade_may_carry_the_token_as_a_subprotocol_counted_like_any_other() -> None:
+    gate = Gate(TOKEN, "")
+
+    def up(protocols: str, peer: str = "p", upgrade: bool = True) -> int:
+        headers = {"sec-websocket-protocol": protocols}
+        return gate.check("/execute/ws", headers.get, peer, 0.0, upgrade=upgrade).status
+
+    assert up(f"{SUBPROTOCOL}, {_token_protocol(TOKEN)}") == 200
+    assert up(f"{_token_protocol(TOKEN)},{SUBPROTOCOL}") == 200  # any order, any spacing
+    assert up(_token_protocol("tok en/+?é")) == 401  # another token
+    assert (
+        Gate("tok en/+?é", "")
+        .check(
+            "/execute/ws",
+            {"sec-websocket-protocol": _token_protocol("tok en/+?é")}.get,
+            "p",
+            0.0,
+            upgrade=True,
+        )
+        .allowed
+    )  # any token survives base64url
+    assert up(_token_protocol(TOKEN[:-1] + "X")) == 401
+    assert up(TOKEN_SUBPROTOCOL + "%%%not-base64") == 401
+    assert up(f"{SUBPROTOCOL}, {TOKEN}") == 401  # the bare token is not the subprotocol
+    # Plain HTTP requests authenticate by header only.
+    assert up(_token_protocol(TOKEN), peer="http", upgrade=False) == 401
+    # Wrong subprotocol tokens spend the same failure budget as wrong headers.
+    for _ in range(MAX_FAILURES):
+        up(_token_protocol("wrong"), peer="guesser")
+    assert up(_token_protocol(TOKEN), peer="guesser") == 429
+
+
+def test_the_daemons_own_origin_may_upgrade_but_a_rebinding_page_may_not() -> None:
+    def up(gate: Gate, origin: str, host: str, tls: bool = False) -> int:
+        headers = {"origin": origin, "host": host, "x-api-key": TOKEN}
+        return gate.check("/execute/ws", headers.get, "p", 0.0, upgrade=True, tls=tls).status
+
+    no_token, with_token = Gate("", ""), Gate(TOKEN, "")
+    for gate in (no_token, with_token):
+        assert up(gate, "http://127.0.0.1:8080", "127.0.0.1:8080") == 200
+        assert up(gate, "http://[::1]:8080", "[::1]:8080") == 200
+        assert up(gate, "http://localhost:8080", "localhost:8080") == 200
+        assert up(gate, "https://127.0.0.1:8443", "127.0.0.1:8443", tls=True) == 200
+        assert up(gate, "http://127.0.0.1:8443", "127.0.0.1:8443", tls=True) == 403  # scheme
+        assert up(gate, "http://127.0.0.1:8081", "127.0.0.1:8080") == 403  # port
+        assert up(gate, "http://evil.example", "127.0.0.1:8080") == 403
+    # A DNS-rebinding page is same-origin with itself, but its Host is its own name:
+    # refused without a token; with a token the token still has to be presented.
+    assert up(no_token, "http://rebind.example:8080", "rebind.example:8080") == 403
+    assert up(with_token, "https://sandbox.example", "sandbox.example", tls=True) == 200
+
+
+async def test_the_subprotocol_is_echoed_only_to_a_client_that_offers_it() -> None:
+    async with running_daemon(token=TOKEN) as daemon:
+        with trio.fail_after(20):
+            async with open_ws(daemon.ws, subprotocols=[SUBPROTOCOL, _token_protocol(TOKEN)]) as (
+                browser,
+                _,
+            ):
+                await browser.send_message(json.dumps({"type": "execute", "command": "true"}))
+                assert json.loads(await browser.get_message())["type"] == "started"
+                offered = browser.subprotocol
+            async with open_ws(daemon.ws, [("x-api-key", TOKEN)]) as (sdk, _):
+                plain = sdk.subprotocol
+            wrong = await rejection(daemon.ws, subprotocols=[SUBPROTOCOL, _token_protocol("x")])
+            foreign = await rejection(
+                daemon.ws,
+                [("Origin", "http://evil.example")],
+                subprotocols=[SUBPROTOCOL, _token_protocol(TOKEN)],
+            )
+            own = f"http://{daemon.running.address}"
+            async with open_ws(
+                daemon.ws, [("Origin", own)], [SUBPROTOCOL, _token_protocol(TOKEN)]
+            ) as (same_origin, _):
+                await same_origin.send_message(json.dumps({"type": "execute", "command": "true"}))
+                assert json.loads(await same_origin.get_message())["type"] == "started"
+    assert offered == SUBPROTOCOL  # never the token itself
+    assert plain is None
+    assert wrong.status_code == 401
+    assert foreign.status_code == 403
+
+
 async def test_every_route_and_upgrade_refuses_without_the_token_before_acting(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -90,8 +185,8 @@ async def test_every_route_and_upgrade_refuses_without_the_token_before_acting(
                             body,
                             {**extra, **headers},
                         )
-                        if path == "/healthz":
-                            assert response.status == 200
+                        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+                            assert response.status in (200, 405), (method, path)
                             continue
                         assert response.status in (401, 429), (method, path, response.status)
                         if response.status == 401 and method != "HEAD":
@@ -102,6 +197,11 @@ async def test_every_route_and_upgrade_refuses_without_the_token_before_acting(
                 assert refused.status_code in (401, 429)
             assert not target.exists()
             assert daemon.running.supervisor.sessions == {}
+    # The routes open to all, listed: the health probe and the browser terminal's files.
+    public = {p for p in routes if p in PUBLIC_PATHS or p.startswith(PUBLIC_PREFIXES)}
+    assert public == {"/healthz", "/", *(f"/static/{n}" for n in PAGE_FILES)} | {
+        f"/static/vendor/{n}" for n in VENDOR_FILES
+    }
 
 
 async def test_the_right_token_opens_every_door() -> None:

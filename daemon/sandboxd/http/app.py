@@ -3,7 +3,8 @@
 Routing (duplicate slashes collapse, so a dataplane URL ending in ``/`` works), the
 error body of protocol.md §1.3 for every failure, and the daemon's own endpoints
 (``/healthz``, ``/sessions``). The endpoints themselves live in ``exec_ws.py``,
-``files.py``, ``search.py``, ``sse.py`` and ``tunnel.py``.
+``files.py``, ``search.py``, ``sse.py``, ``tunnel.py`` and ``terminal.py`` (the browser
+terminal's page at ``/``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sandboxd.core.errors import (
 from sandboxd.endpoints import files, search
 from sandboxd.endpoints.exec_ws import ExecConnection
 from sandboxd.endpoints.sse import SseEndpoints
+from sandboxd.endpoints.terminal import Asset, TerminalFiles
 from sandboxd.endpoints.tunnel import PortPolicy, serve_tunnel
 from sandboxd.http.asgi import (
     ClientGone,
@@ -39,7 +41,7 @@ from sandboxd.http.asgi import (
     respond_error,
     respond_json,
 )
-from sandboxd.http.auth import Gate, Verdict
+from sandboxd.http.auth import SUBPROTOCOL, Gate, Verdict
 from sandboxd.runtime.supervisor import Supervisor
 
 log = logging.getLogger("sandboxd.server")
@@ -81,6 +83,10 @@ class App:
             "/execute/stream/resume": {"POST": sse.resume},
             "/execute": {"POST": sse.execute},
         }
+        self.terminal = TerminalFiles()
+        for asset_path, asset in self.terminal.assets.items():
+            serve = self._static(asset)
+            self.http_routes[asset_path] = {"GET": serve, "HEAD": serve}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -95,6 +101,7 @@ class App:
                 scope["client"][0] if scope.get("client") else "?",
                 trio.current_time(),
                 upgrade=kind == "websocket",
+                tls=scope.get("scheme") in ("https", "wss"),
             )
             if not verdict.allowed:
                 await self._refuse(kind, verdict, receive, send)
@@ -118,8 +125,13 @@ class App:
                 send, 503, ServerShuttingDown.error_type, "sandboxd is shutting down", retry=1
             )
             return
+        # A browser offers the token as a subprotocol next to ``sandboxd.v1`` and fails
+        # the connection unless one it offered comes back; the SDKs offer none.
+        accept: dict[str, object] = {"type": "websocket.accept"}
+        if SUBPROTOCOL in scope.get("subprotocols", ()):
+            accept["subprotocol"] = SUBPROTOCOL
         try:
-            await send({"type": "websocket.accept"})
+            await send(accept)
         except h11.LocalProtocolError as exc:
             # The client sent more after its upgrade request before the 101 (RFC 6455
             # forbids it); hypercorn's HTTP layer has given up on the connection.
@@ -221,6 +233,12 @@ class App:
         # 503 while stopping, so a readiness probe takes the sandbox out of rotation.
         status = 503 if supervisor.shutting_down else 200
         await respond_json(send, status, payload, head=scope["method"] == "HEAD")
+
+    def _static(self, asset: Asset) -> Handler:
+        async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+            await self.terminal.serve(asset, scope, receive, send)
+
+        return serve
 
     async def _sessions(self, scope: Scope, receive: Receive, send: Send) -> None:
         await respond_json(send, 200, {"sessions": self.supervisor.snapshot()})
