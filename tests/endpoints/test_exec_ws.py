@@ -21,6 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed
 from wsproto.events import TextMessage
 
+from sandboxd.core.session import SessionState
 from tests.conftest import OtherUser
 from tests.helpers import (
     Daemon,
@@ -1133,3 +1134,35 @@ async def test_a_command_of_any_size_that_fits_a_message_runs(
     assert t.types[0] == "started", t.frames[:2]
     assert t.text("stdout").strip() == f"{digest}  -"
     assert t.terminal["exit_code"] == 3
+
+
+# ---- the drain after the leader exits ------------------------------------------------
+
+
+@pytest.mark.parametrize("pty", [False, True], ids=["pipes", "pty"])
+async def test_output_held_back_for_a_lingering_client_is_read_after_the_leader_exits(
+    pty: bool,
+) -> None:
+    # The only client leaves before reading: its cursor lingers and paces the command for
+    # --stall-seconds, so the tail waits in the pipe while the leader exits. The bounded
+    # drain after the exit is for a left-behind child that holds the pipe, not for
+    # output held back by pacing: every byte must still reach the ring.
+    command_id = new_id()
+    newline = "\r\n" if pty else "\n"
+    async with running_daemon(ring_bytes=131072, stall_seconds=2.5, drain_seconds=0.5) as daemon:
+        with trio.fail_after(30):
+            async with exec_socket(daemon.ws) as leaving:
+                await leaving.start(
+                    command="sleep 0.3; printf 'first\\n'; sleep 0.3; printf 'last\\n'",
+                    command_id=command_id,
+                    pty=pty,
+                )
+            live = daemon.running.supervisor.sessions[command_id]
+            await live.reaped.wait()
+            while live.core.state is SessionState.RUNNING:
+                await live.wait_changed()
+            async with exec_socket(daemon.ws) as back:
+                await back.send(type="reconnect", command_id=command_id)
+                t = await back.collect()
+    assert t.text("stdout") == f"first{newline}last{newline}"
+    assert "gap" not in t.types and t.terminal["exit_code"] == 0

@@ -45,6 +45,7 @@ from sandboxd.core.session import (
 )
 from sandboxd.core.utf8 import Utf8Sanitizer
 from sandboxd.runtime import process, spawn
+from sandboxd.runtime.drain import DrainClock
 from sandboxd.runtime.fdread import read_available
 from sandboxd.runtime.handoff import Handoffs
 
@@ -70,6 +71,7 @@ class LiveSession:
         self.expired = trio.Event()
         self._changed = trio.Event()
         self._consumed = trio.Event()
+        self._drain_clocks: list[DrainClock] = []
         self._stdin = bytearray()
         self._stdin_closing = child.input_fd is None
         self._stdin_event = trio.Event()
@@ -125,6 +127,8 @@ class LiveSession:
         """Called by the reaper."""
         self.status = status
         self.reaped.set()
+        for clock in self._drain_clocks:
+            clock.leader_reaped()
 
     # ---- stdin ------------------------------------------------------------------
 
@@ -180,32 +184,35 @@ class LiveSession:
 
     # ---- output -----------------------------------------------------------------
 
-    async def pump(self, stream: Stream, fd: int, stall_seconds: float) -> None:
-        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF).
-
-        Reads are coalesced: after one read returns, the fd is read again without
-        waiting until it is empty or a whole chunk is in hand (a PTY hands out about
-        4 KiB per read). The task yields to the scheduler after every chunk, so a child
-        that never pauses cannot starve the clients.
-        """
+    async def pump(self, stream: Stream, fd: int, stall_seconds: float, drain: float) -> None:
+        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF), or until the
+        drain after the leader's exit is spent (``drain.DrainClock``). Reads are coalesced
+        up to a chunk (a PTY hands out about 4 KiB a read); the task yields after every
+        chunk, so a child that never pauses cannot starve the clients."""
         ring = self.core.ring(stream)
         sanitizer = Utf8Sanitizer()
+        clock = DrainClock(drain, reaped=self.reaped.is_set())
+        self._drain_clocks.append(clock)
         os.set_blocking(fd, False)
         try:
-            ended = False
-            while not ended:
-                while not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
-                    with trio.move_on_after(stall_seconds):
-                        await self._consumed.wait()
-                data, ended = read_available(fd, CHUNK_BYTES)
-                if data is None:
-                    await trio.lowlevel.wait_readable(fd)
-                    continue
-                clean = sanitizer.feed(data)
-                if clean:
-                    ring.append(clean)
-                    self.notify_changed()
-                await trio.lowlevel.checkpoint()
+            with clock.scope:
+                ended = False
+                while not ended:
+                    if not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
+                        clock.paced(True)
+                        while not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
+                            with trio.move_on_after(stall_seconds):
+                                await self._consumed.wait()
+                        clock.paced(False)
+                    data, ended = read_available(fd, CHUNK_BYTES)
+                    if data is None:
+                        await trio.lowlevel.wait_readable(fd)
+                        continue
+                    clean = sanitizer.feed(data)
+                    if clean:
+                        ring.append(clean)
+                        self.notify_changed()
+                    await trio.lowlevel.checkpoint()
         finally:
             ring.append(sanitizer.finish())
             trio.lowlevel.notify_closing(fd)
@@ -379,14 +386,12 @@ class Supervisor:
                 if child.input_fd is not None:
                     nursery.start_soon(live.write_stdin)
                 async with trio.open_nursery() as readers:
-                    stall = self.config.stall_seconds
-                    readers.start_soon(live.pump, Stream.STDOUT, child.output_fd, stall)
+                    # Each pump waits a bounded time for the EOF of children left behind.
+                    timing = (self.config.stall_seconds, self.config.drain_seconds)
+                    readers.start_soon(live.pump, Stream.STDOUT, child.output_fd, *timing)
                     if child.error_fd is not None:
-                        readers.start_soon(live.pump, Stream.STDERR, child.error_fd, stall)
+                        readers.start_soon(live.pump, Stream.STDERR, child.error_fd, *timing)
                     await live.reaped.wait()
-                    # Children the command left behind may still hold its output open:
-                    # wait a little for their EOF, never indefinitely.
-                    readers.cancel_scope.deadline = trio.current_time() + self.config.drain_seconds
                 assert live.status is not None
                 live.end_input()
                 live.ended_wall = time.time()
