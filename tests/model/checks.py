@@ -60,7 +60,8 @@ def check_end(session: SessionModel) -> None:
 
 def check_sockets(session: SessionModel) -> None:
     """Every socket that stayed to the end got every byte from its offsets, then the
-    terminal frame and a normal close; one refused as expired got only that."""
+    terminal frame and a normal close; one refused (expired, or sent before
+    the command was known) got only that."""
     expected = session.expected
     for sock in session.sockets:
         where = f"{sock.name} ({sock.role} of {session.command_id})"
@@ -174,6 +175,9 @@ def check_stdin(session: SessionModel, tags: list[str], eof: bool) -> None:
     for name, sock in by_name.items():
         lines = [s.tag for s in sock.sent if s.kind == "line"]
         mine = got[name]
+        if sock.refused:  # the daemon must not act on a refused socket's frames
+            assert mine == [], f"{where}: {name} was refused, yet its lines arrived: {mine}"
+            continue
         assert mine == lines[: len(mine)], (
             f"{where}: {name}'s lines arrived as {mine}; it sent them as {lines} "
             "(out of order, or one was lost)"
