@@ -73,6 +73,7 @@ class ModelSocket:
         self._parts: list[str] = []
         self.mode = Mode.FAST
         self.close_code: int | None = None
+        self.end_reason = ""  # why the reader stopped: "eof", an OSError, or "" (it did not)
         self.ended = threading.Event()  # the reader stopped: server close, EOF or error
         self._stop = threading.Event()
         self._draining = False
@@ -215,13 +216,15 @@ class ModelSocket:
                     data = self.sock.recv(size)
                 except BlockingIOError:
                     continue
-                except OSError:
+                except OSError as exc:
+                    self.end_reason = repr(exc)
                     break
                 with self._lock:
                     self.conn.receive_data(data or None)
                     for event in self.conn.events():
                         self._handle(event)
                 if not data:
+                    self.end_reason = "eof"
                     break
                 if mode is Mode.SLOW:
                     time.sleep(SLOW_PAUSE)

@@ -48,6 +48,7 @@ class Driver:
         expect = expectation(session) if role != "execute" else Attach.ATTACHED
         ws = ModelSocket(self.daemon.address, f"s{next(self.names)}")
         sock = SocketModel(ws, session, role, offsets, expect, session.ended())
+        sock.before_started = role in ("reconnect", "auditor") and session.pid is None
         if role != "execute":
             session.unprotect()
         session.sockets.append(sock)
@@ -169,7 +170,7 @@ class Driver:
         for sock in self.socks:
             sock.set_mode(Mode.FAST)
         for session in self.sessions:
-            session.audit()
+            self._wait_for_started(session)
             if session.ended() and session.ttl >= LONG_TTL:
                 self.bind(self.open_socket(session, "auditor", (0, 0)), False, 0, False)
             elif not session.ended():
@@ -189,6 +190,19 @@ class Driver:
             check_session(session)
             self._note(session)
         self._nothing_left()
+
+    @staticmethod
+    def _wait_for_started(session: SessionModel) -> None:
+        """Until some socket received the command's ``started`` (as long as one still
+        can): an auditor sent before it could reach the daemon ahead of the ``execute``,
+        be told CommandNotFound, and leave the command running."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            session.audit()
+            waiting = [s for s in session.sockets if s.ws.left is None and not s.ws.finished]
+            if session.pid is not None or session.ended() or not waiting:
+                return
+            time.sleep(0.01)
 
     def _end(self, session: SessionModel, auditor: SocketModel) -> None:
         program = session.program

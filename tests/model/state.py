@@ -54,6 +54,9 @@ class SocketModel:
     offsets: tuple[int, int]
     expect: Attach
     after_finish: bool  # the session's end had been seen when the binding frame went out
+    #: A ``reconnect`` sent before any socket received the command's ``started``: it may
+    #: reach the daemon before the ``execute`` does, and then the id is not known yet.
+    before_started: bool = False
     sent: list[Sent] = field(default_factory=list)
     seq: int = 0
     never_paused: bool = True
@@ -166,6 +169,14 @@ class SessionModel:
         if sock.checked == 0:
             if kind == "error" and frame.get("error_type") == "SessionExpired":
                 assert sock.expect is not Attach.ATTACHED, f"{where}: refused as expired: {frame}"
+                sock.refused = True
+                sock.terminal = frame
+                return
+            if kind == "error" and frame.get("error_type") == "CommandNotFound":
+                assert sock.before_started, (
+                    f"{where}: {frame}, but the command's started frame had been received "
+                    "before this socket's reconnect was sent"
+                )
                 sock.refused = True
                 sock.terminal = frame
                 return
