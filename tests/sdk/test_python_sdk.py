@@ -77,6 +77,9 @@ def test_kill_ends_the_command_and_its_children(sandbox: Sandbox) -> None:
     handle = sandbox.run("sleep 100 & echo $!; wait", wait=False, timeout=30)
     first = next(iter(handle))
     child = psutil.Process(int(first.data))
+    deadline = time.monotonic() + 5
+    while child.name() != "sleep" and time.monotonic() < deadline:
+        time.sleep(0.01)  # `$!` is the forked shell until it has exec'd sleep
     assert child.name() == "sleep"
     handle.kill()
     # The SDK closes its socket right after kill; a fresh reattach sees the exit.
