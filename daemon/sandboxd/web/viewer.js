@@ -90,22 +90,6 @@ export function createViewer(term, hooks) {
     show(`\r\n\x1b[2m[${text}]\x1b[0m\r\n`);
   }
 
-  function updateBar() {
-    const title = $("terminal-title");
-    const typing = $("typing");
-    if (!view) {
-      title.textContent = "No session open: pick one on the left, or start a new shell.";
-      typing.checked = false;
-      typing.disabled = true;
-    } else {
-      title.textContent = `${view.id}  ${view.command}`;
-      typing.checked = view.mode === "write";
-      typing.disabled = view.ended;
-    }
-    $("typing-label").classList.toggle("on", typing.checked);
-    markCurrentRow();
-  }
-
   /** Show session `id`: a fresh terminal, its whole retained output, then live output. */
   function openSession(id, fields) {
     closeConnection();
