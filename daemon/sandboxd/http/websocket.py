@@ -100,6 +100,8 @@ class WebSocket:
             self._events.extend(self._parser.feed(data))
 
     async def _answer_ping(self, payload: bytes) -> None:
+        if self.close_sent:
+            return  # nothing may follow a close frame
         pong = ws.frame(ws.Opcode.PONG, payload)
         if self._send_lock.locked():
             self._pong = pong  # the write under way sends it next (the latest ping wins)
@@ -161,17 +163,22 @@ class WebSocket:
     # ---- ending -------------------------------------------------------------------------
 
     async def finish(self) -> None:
-        """After the endpoint is done: a close frame if none went out yet, then the
-        write side shut and what the client still sends read and dropped until its EOF
-        (for at most ``CLOSE_TIMEOUT``), so that closing the socket never resets a
-        connection whose last frames the client has not read yet."""
+        """After the endpoint is done: a close frame if none went out yet, the client's
+        close awaited (what it sends before it is dropped), then the socket closed, all
+        within ``CLOSE_TIMEOUT``. After a protocol error the rest of what the client
+        sends cannot be parsed: the write side is shut and the bytes are drained until
+        its EOF, so that closing never resets a connection whose close frame the client
+        has not read yet."""
         with trio.move_on_after(CLOSE_TIMEOUT):
             try:
                 if not self.close_sent:
                     await self.send([], close=ws.CloseCode.NORMAL)
-                await self._stream.send_eof()
-                while await self._stream.receive_some(RECEIVE_BYTES):
-                    pass
+                while not self.ended:
+                    await self.receive()
+                if self._parser.failed is not None:
+                    await self._stream.send_eof()
+                    while await self._stream.receive_some(RECEIVE_BYTES):
+                        pass
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await trio.aclose_forcefully(self._stream)
