@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sandboxd.core import websocket as ws
-from sandboxd.core.websocket import Close, CloseCode, FrameParser, Message, Opcode, Ping
+from sandboxd.core.websocket import Close, CloseCode, FrameParser, Message, Opcode, Ping, Pong
 
 UPGRADE = (
     b"GET /execute/ws HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade"
@@ -124,10 +124,10 @@ def test_fragments_are_joined_and_control_frames_may_come_between() -> None:
         masked(Opcode.TEXT, b"ab", fin=False)
         + masked(Opcode.PING, b"p")
         + masked(Opcode.CONTINUATION, b"cd", fin=False)
-        + masked(Opcode.PONG, b"ignored")
+        + masked(Opcode.PONG, b"q")
         + masked(Opcode.CONTINUATION, b"ef")
     )
-    assert parser.feed(data) == [Ping(b"p"), Message("abcdef")]
+    assert parser.feed(data) == [Ping(b"p"), Pong(b"q"), Message("abcdef")]
 
 
 def test_a_text_message_split_inside_a_utf8_character_is_whole_again() -> None:

@@ -201,6 +201,13 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
+class Pong:
+    """A pong: the answer to a ping of ours (or an unsolicited heartbeat)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """The client's close frame: its code (None when it sent none) and reason."""
 
@@ -208,7 +215,7 @@ class Close:
     reason: str
 
 
-Event = Message | Ping | Close
+Event = Message | Ping | Pong | Close
 
 
 class ProtocolError(Exception):
@@ -255,7 +262,7 @@ class FrameParser:
         events: list[Event] = []
         try:
             while (event := self._next()) is not None:
-                if isinstance(event, Message | Ping | Close):
+                if isinstance(event, Message | Ping | Pong | Close):
                     events.append(event)
         except ProtocolError as exc:
             self.failed = exc
@@ -309,7 +316,7 @@ class FrameParser:
         if opcode is Opcode.PING:
             return Ping(payload)
         if opcode is Opcode.PONG:
-            return _NOTHING
+            return Pong(payload)
         if not payload:
             return Close(None, "")
         if len(payload) == 1:

@@ -6,6 +6,10 @@ control frame that comes first (§2.3.6) and applying it once bound. It then str
 closes with 1000. Meanwhile a receive task applies ``input``, ``close_stdin``, ``kill``,
 ``signal`` and ``resize`` as they arrive, so a client that stops reading can still be
 heard, and a disconnect (clean or not) detaches at once.
+
+Where the transport sees pongs (the lean path), a ping follows the output written when
+none is outstanding, and each pong tells the session what the client acknowledged
+(``core/session.py``, acknowledged delivery): pacing then bounds the bytes in flight.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from sandboxd.core.messages import (
     decode_client,
     encode,
 )
-from sandboxd.core.session import Attachment, Stream
+from sandboxd.core.session import Attachment, Stream, ping_due, receive_pong, start_ping
 from sandboxd.endpoints.transport import MessageTransport
 from sandboxd.runtime import process
 from sandboxd.runtime.supervisor import LiveSession, Supervisor
@@ -62,6 +66,7 @@ class ExecConnection:
         self._attachment: Attachment | None = None
         self.started_sent = False
         self._closed = False
+        self._pings = transport.on_pong(self._on_pong)
 
     async def run(self) -> None:
         """Serve the socket until the command's end, an error, or the client leaves."""
@@ -205,19 +210,37 @@ class ExecConnection:
             if batch:
                 await self._send(*batch)
                 continue
+            if self._pings and ping_due(attachment):
+                await self._send()  # a ping behind what was written before the last pong
+                continue  # (output that came meanwhile is read before parking)
             await live.wait_for_output(attachment)
+
+    def _on_pong(self, payload: bytes) -> None:
+        """The client's pong: what it acknowledged may let the command run on; a parked
+        stream with output written since that ping is woken to send the next ping."""
+        live, attachment = self.live, self._attachment
+        if live is None or attachment is None:
+            return
+        if receive_pong(attachment, payload, trio.current_time()):
+            live.notify_consumed()
+            if attachment.waiting and ping_due(attachment):
+                live.notify_changed()
 
     # ---- sending ----------------------------------------------------------------------
 
     async def _send(self, *messages: ServerMessage, close: int | None = None) -> None:
-        """``messages`` in one write, then a close with ``close`` if given; nothing is
-        sent once a close went out."""
+        """``messages`` in one write, then a close with ``close`` if given, else a ping
+        if one is due; nothing is sent once a close went out."""
         if self._closed:
             return
         if close is not None:
             self._closed = True
+        ping = None
+        attachment = self._attachment
+        if self._pings and close is None and attachment is not None and ping_due(attachment):
+            ping = start_ping(attachment, trio.current_time())
         try:
-            await self._transport.send([encode(m) for m in messages], close=close)
+            await self._transport.send([encode(m) for m in messages], close=close, ping=ping)
         except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
             # When the client closes at the same moment, hypercorn's own close handling
             # can collide with a write (BusyResourceError): the connection is ending

@@ -24,11 +24,22 @@ class MessageTransport(Protocol):
         ...
 
     async def send(
-        self, messages: Sequence[bytes], *, binary: bool = False, close: int | None = None
+        self,
+        messages: Sequence[bytes],
+        *,
+        binary: bool = False,
+        close: int | None = None,
+        ping: bytes | None = None,
     ) -> None:
         """Send ``messages`` (JSON text, or binary) in one write where the transport can,
-        followed by a close frame with code ``close`` if given. Nothing is sent after a
+        followed by a ping with payload ``ping`` (only where ``on_pong`` accepted a
+        handler) or a close frame with code ``close`` if given. Nothing is sent after a
         close."""
+        ...
+
+    def on_pong(self, handler: Callable[[bytes], None]) -> bool:
+        """Call ``handler`` with the payload of every pong the client sends (from inside
+        ``receive``). False when this transport cannot see pongs: then send no pings."""
         ...
 
 
@@ -55,8 +66,16 @@ class AsgiTransport:
                     return str(text)
                 return bytes(event.get("bytes") or b"")
 
+    def on_pong(self, handler: Callable[[bytes], None]) -> bool:
+        return False  # ASGI has no pong event: hypercorn answers pings and drops pongs
+
     async def send(
-        self, messages: Sequence[bytes], *, binary: bool = False, close: int | None = None
+        self,
+        messages: Sequence[bytes],
+        *,
+        binary: bool = False,
+        close: int | None = None,
+        ping: bytes | None = None,
     ) -> None:
         if self._closed:
             return

@@ -5,10 +5,11 @@ upgrade to ``/execute/ws`` or ``/tunnel`` (``core/websocket.py`` decides); hyper
 never sees it. The token and Origin are checked, and a refusal answered, before the 101.
 
 ``WebSocket`` is the endpoints' ``MessageTransport``: whole messages in (pings answered,
-fragments joined, limits enforced by the parser: 1009, 1002, 1007), batches of messages
-out in one write each (header and payload of every frame, and a close frame behind the
-last, handed to one ``sendmsg``). Sends are not shielded: a client that stopped reading
-holds a write only until its connection is cancelled.
+pongs handed to the endpoint's ``on_pong`` handler, fragments joined, limits enforced by
+the parser: 1009, 1002, 1007), batches of messages out in one write each (header and
+payload of every frame, and a ping or a close frame behind the last, handed to one
+``sendmsg``). Sends are not shielded: a client that stopped reading holds a write only
+until its connection is cancelled.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class WebSocket:
         self._leftover = leftover
         self._send_lock = trio.Lock()
         self._pong: bytes | None = None
+        self._pong_handler: Callable[[bytes], None] | None = None
         self.close_sent = False
         self.ended = False  # the client's side: closed, broke the protocol, or dropped
 
@@ -75,6 +77,9 @@ class WebSocket:
                     return event.data
                 if isinstance(event, ws.Ping):
                     await self._answer_ping(event.payload)
+                elif isinstance(event, ws.Pong):
+                    if self._pong_handler is not None:
+                        self._pong_handler(event.payload)
                 else:
                     self.ended = True
                     # Echo the client's code (a close without one is answered without one).
@@ -113,8 +118,17 @@ class WebSocket:
 
     # ---- sending ------------------------------------------------------------------------
 
+    def on_pong(self, handler: Callable[[bytes], None]) -> bool:
+        self._pong_handler = handler
+        return True
+
     async def send(
-        self, messages: Sequence[bytes], *, binary: bool = False, close: int | None = None
+        self,
+        messages: Sequence[bytes],
+        *,
+        binary: bool = False,
+        close: int | None = None,
+        ping: bytes | None = None,
     ) -> None:
         if self.close_sent:
             return
@@ -123,6 +137,8 @@ class WebSocket:
         for message in messages:
             parts.append(ws.frame_header(opcode, len(message)))
             parts.append(message)
+        if ping is not None:
+            parts.append(ws.frame(ws.Opcode.PING, ping))
         if close is not None:
             self.close_sent = True
             parts.append(ws.close_frame(close))
