@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import uuid
 
 import trio
 
@@ -58,11 +59,11 @@ class RawClient:
             if len(self.buffer) >= 2:
                 assert not self.buffer[1] & 0x80, "server frames are never masked"
                 n, at = self.buffer[1] & 0x7F, 2
-                if n == 126 and len(self.buffer) >= 4:
+                if n == 126:
                     n, at = int.from_bytes(self.buffer[2:4], "big"), 4
-                elif n == 127 and len(self.buffer) >= 10:
+                elif n == 127:
                     n, at = int.from_bytes(self.buffer[2:10], "big"), 10
-                if n < 126 and len(self.buffer) >= at + n:
+                if len(self.buffer) >= at and len(self.buffer) >= at + n:
                     opcode, payload = self.buffer[0] & 0x0F, self.buffer[at : at + n]
                     self.buffer = self.buffer[at + n :]
                     return opcode, payload
@@ -198,3 +199,79 @@ async def test_an_invalid_upgrade_to_a_lean_path_is_hypercorns_to_answer() -> No
             await client.stream.aclose()
     assert not head.startswith(b"http/1.1 101")
     assert b"server: hypercorn" in head
+
+
+# ---- acknowledged delivery: pings behind the output, pongs pace the command -------------
+
+RING = 256 * 1024
+OUTPUT = 2_000_000
+CHUNK = 64 * 1024
+
+
+async def start_command(daemon: Daemon) -> tuple[RawClient, str]:
+    command_id = uuid.uuid4().hex
+    frame = {
+        "type": "execute",
+        "command": f"head -c {OUTPUT} /dev/zero | tr '\\0' x",
+        "command_id": command_id,
+    }
+    client = await connect(daemon, upgrade())
+    assert (await client.head()).startswith(b"http/1.1 101")
+    await client.stream.send_all(client_frame(1, json.dumps(frame).encode()))
+    return client, command_id
+
+
+async def test_a_client_that_reads_but_delays_its_pongs_holds_the_command_half_a_ring_on() -> None:
+    # The stall rule is out of reach (600 s): only the acknowledgements hold the command.
+    async with running_daemon(ring_bytes=RING, stall_seconds=600.0) as daemon:
+        with trio.fail_after(60):
+            client, command_id = await start_command(daemon)
+            received, held, types = 0, [], []
+            while True:  # read everything that comes; answer the first ping only
+                with trio.move_on_after(1.0) as quiet:
+                    frame = await client.frame()
+                if quiet.cancelled_caught or frame is None or frame[0] == 8:
+                    break
+                if frame[0] == 9:
+                    if not types or held or received:
+                        held.append(frame[1])
+                    else:  # the ping behind `started`: acknowledges offset 0
+                        await client.stream.send_all(client_frame(10, frame[1]))
+                        types.append("pong")
+                elif frame[0] == 1:
+                    message = json.loads(frame[1])
+                    types.append(message["type"])
+                    received += len(message.get("data", "").encode())
+            live = daemon.running.supervisor.sessions[command_id]
+            end = live.core.stdout.end
+            # The client has everything written; the command waits for its pong.
+            assert live.core.state.value == "running" and RING // 2 - CHUNK < end <= RING // 2
+            assert received == end and len(held) == 1  # one ping outstanding at a time
+            await client.stream.send_all(client_frame(10, held[0]))
+            while (frame := await client.frame()) is not None and frame[0] != 8:
+                if frame[0] == 9:
+                    await client.stream.send_all(client_frame(10, frame[1]))
+                elif frame[0] == 1:
+                    message = json.loads(frame[1])
+                    types.append(message["type"])
+                    received += len(message.get("data", "").encode())
+            await client.stream.aclose()
+    assert types[:2] == ["started", "pong"]
+    assert received == OUTPUT and "gap" not in types and types[-1] == "exit"
+
+
+async def test_a_client_that_never_pongs_is_paced_by_what_was_written_to_it() -> None:
+    async with running_daemon(ring_bytes=RING, stall_seconds=600.0) as daemon:
+        with trio.fail_after(60):
+            client, _ = await start_command(daemon)
+            received, pings, types = 0, 0, []
+            while (frame := await client.frame()) is not None and frame[0] != 8:
+                if frame[0] == 9:
+                    pings += 1
+                elif frame[0] == 1:
+                    message = json.loads(frame[1])
+                    types.append(message["type"])
+                    received += len(message.get("data", "").encode())
+            await client.stream.aclose()
+    assert pings == 1  # the unanswered one stays outstanding: no more are sent
+    assert received == OUTPUT and "gap" not in types and types[-1] == "exit"

@@ -210,6 +210,8 @@ class ExecConnection:
             if batch:
                 await self._send(*batch)
                 continue
+            if self._closed:
+                return  # the client is gone (the scope's cancel lands at a checkpoint)
             if self._pings and ping_due(attachment):
                 await self._send()  # a ping behind what was written before the last pong
                 continue  # (output that came meanwhile is read before parking)
