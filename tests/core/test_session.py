@@ -336,10 +336,22 @@ def test_a_dropped_client_lingers_at_what_it_acknowledged() -> None:
     assert s.lingering == [a]
     assert not s.may_read(Stream.STDOUT, 105.0 - EPS, 1)  # 1000 ahead of offset 0
     assert s.may_read(Stream.STDOUT, 105.0, 512)  # gone stall_seconds: forgotten
-    never = s.attach(105.0, stdout_offset=1000)
-    s.detach(never, 105.0)  # one that never answered lingers at what was written
+    unpinged = s.attach(105.0, stdout_offset=1000)
+    s.detach(unpinged, 105.0)  # never pinged (ASGI): it lingers at what was written
     s.stdout.append(b"x" * 100)
     assert s.may_read(Stream.STDOUT, 106.0, 412) and not s.may_read(Stream.STDOUT, 106.0, 413)
+
+
+def test_a_client_dropped_before_its_first_pong_lingers_at_its_attach_offsets() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    a = s.attach(100.0, stdout_offset=200)
+    start_ping(a, 100.0)  # behind `started`; the connection drops before the pong
+    a.stdout_cursor = 1000
+    assert pacing_cursor(a, Stream.STDOUT, 100.0, 5.0, attached=True) == 1000  # (c): written
+    s.detach(a, 100.0)
+    assert pacing_cursor(a, Stream.STDOUT, 100.0, 5.0, attached=False) == 200
+    assert not s.may_read(Stream.STDOUT, 101.0, 1)
 
 
 def test_a_slow_client_far_behind_on_acknowledgements_stops_pacing() -> None:

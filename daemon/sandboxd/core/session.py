@@ -196,6 +196,7 @@ class Session:
     def attach(self, now: float, stdout_offset: int = 0, stderr_offset: int = 0) -> Attachment:
         """A client attached; the idle clock stops."""
         attachment = Attachment(stdout_offset, stderr_offset, now)
+        attachment.delivery = Delivery(acked_stdout=stdout_offset, acked_stderr=stderr_offset)
         self.attachments.append(attachment)
         self.idle_since = None
         return attachment
@@ -349,7 +350,8 @@ class Delivery:
 
     At most one ping is outstanding. ``answered`` turns true with the first pong; a client
     that never answers (a raw client, or a transport that cannot see pongs) is paced by
-    its written cursors as before.
+    its written cursors as before while attached. The acknowledged offsets start at the
+    attach offsets.
     """
 
     answered: bool = False
@@ -404,8 +406,10 @@ def pacing_cursor(
     """The offset at which ``attachment`` paces ``stream``, or None if it does not pace.
 
     * A lingering cursor (``attached`` false; it is dropped ``stall`` after its client
-      left) paces at what its client acknowledged if it ever answered a ping, else at
-      what was written to it.
+      left) paces at what its client acknowledged: its attach offsets if it was pinged
+      but never answered (it may have left before its first pong came back). Only a
+      client that was never pinged (a transport that cannot see pongs) lingers at what
+      was written to it.
     * An attached client that answers pings paces at its acknowledged offset while its
       answers are fresh: the outstanding ping was sent less than ``stall`` ago, or with
       none outstanding, it answered less than ``stall`` ago or is parked with everything.
@@ -414,7 +418,8 @@ def pacing_cursor(
     """
     delivery = attachment.delivery
     if not attached:
-        return delivery.acked(stream) if delivery.answered else attachment.cursor(stream)
+        pinged = delivery.answered or delivery.pinged is not None
+        return delivery.acked(stream) if pinged else attachment.cursor(stream)
     if delivery.answered:
         since = delivery.pinged_at if delivery.outstanding else delivery.heard_at
         if now - since < stall or (attachment.waiting and not delivery.outstanding):
