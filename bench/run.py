@@ -179,8 +179,10 @@ class Bench:
         want = expected(command)
 
         async def fleet(
-            run_one: Callable[[], Awaitable[RunResult]],
-        ) -> tuple[float, list[float], int]:
+            server: Server, run_one: Callable[[], Awaitable[RunResult]]
+        ) -> tuple[float, list[float], int, float]:
+            """Commands/s, latencies, failures, and the server's CPU ms per command
+            (its own utime+stime; the commands' CPU is not in it)."""
             latencies: list[float] = []
             failures = 0
             remaining = total
@@ -196,31 +198,41 @@ class Bench:
                     except Exception:
                         failures += 1
 
+            cpu0 = server.cpu_seconds()
             start = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(clients)))
-            return total / (time.perf_counter() - start), latencies, failures
+            rate = total / (time.perf_counter() - start)
+            return rate, latencies, failures, (server.cpu_seconds() - cpu0) * 1000 / total
 
-        rate, lat, failed = await fleet(lambda: sandboxd_run(sandboxd.port, command))
+        rate, lat, failed, cpu = await fleet(
+            sandboxd, lambda: sandboxd_run(sandboxd.port, command)
+        )
         entry: dict[str, Any] = {
             "commands": total,
             "sandboxd_per_s": rate,
             "sandboxd_ms": summary(lat) if lat else None,
             "sandboxd_failures": failed,
+            "sandboxd_cpu_ms_per_command": cpu,
         }
         ours = {"median": rate, "min": rate, "max": rate}
-        theirs = None
+        ours_cpu = {"median": cpu, "min": cpu, "max": cpu}
+        theirs = theirs_cpu = None
         if self.have_websocketd:
             wsd = start_websocketd(command, binary=False)
             try:
-                w_rate, w_lat, w_failed = await fleet(lambda: websocketd_run(wsd.port, lines=True))
+                w_rate, w_lat, w_failed, w_cpu = await fleet(
+                    wsd, lambda: websocketd_run(wsd.port, lines=True)
+                )
             finally:
                 wsd.stop()
             entry.update(
                 websocketd_per_s=w_rate,
                 websocketd_ms=summary(w_lat) if w_lat else None,
                 websocketd_failures=w_failed,
+                websocketd_cpu_ms_per_command=w_cpu,
             )
             theirs = {"median": w_rate, "min": w_rate, "max": w_rate}
+            theirs_cpu = {"median": w_cpu, "min": w_cpu, "max": w_cpu}
         self.results[f"concurrency_{clients}"] = entry
         self.row(
             f"{clients} clients: commands/s (failures {failed})",
@@ -240,6 +252,13 @@ class Bench:
                 "lower is better",
                 key="p99",
             )
+        self.row(
+            f"{clients} clients: server CPU per command",
+            "ms",
+            ours_cpu,
+            theirs_cpu,
+            "lower is better",
+        )
 
     async def fan_out(self, sandboxd: Server, clients: int) -> None:
         size = 5_000_000 if self.quick else 50_000_000

@@ -16,12 +16,26 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
+from wsproto import ConnectionState
+from wsproto.events import Ping
 
 from sandboxd.core.config import Config
 from sandboxd.service import Running, make_listen_socket, serve
 
 #: What the Python SDK accepts at most in one message; the daemon must stay below it.
 SDK_MAX_MESSAGE = 2**20
+
+
+async def _pong_unless_closing(self: WebSocketConnection, event: Ping) -> None:
+    """trio-websocket 0.12.2 answers a ping that arrives after its own close frame, which
+    wsproto refuses: LocalProtocolError out of the reader task. A server's ping may cross
+    the client's close (RFC 6455 5.5.1; the daemon pings behind output to learn what was
+    received), so a pong is only sent while the connection is open."""
+    if self._wsproto.state is ConnectionState.OPEN:
+        await self._send(event.response())
+
+
+WebSocketConnection._handle_ping_event = _pong_unless_closing  # type: ignore[method-assign]
 
 
 @dataclass

@@ -58,6 +58,14 @@ class CuttingProxy:
 
     async def _handle(self, client: trio.SocketStream) -> None:
         upstream = await trio.open_tcp_stream(*self.target)
+        try:
+            await self._relay(client, upstream)
+        finally:
+            # (trio closes ``client``; a proxy cancelled at the test's end, while the last
+            # connection is still being torn down, must close ``upstream`` too.)
+            await trio.aclose_forcefully(upstream)
+
+    async def _relay(self, client: trio.SocketStream, upstream: trio.SocketStream) -> None:
         cut_at: int | None = None
         how = "close"
         if len(self.done) < self.cuts:

@@ -16,7 +16,7 @@ from hypercorn.config import Config as HypercornConfig
 from sandboxd.core.config import Config
 from sandboxd.http import wsoptions
 from sandboxd.http.app import App
-from sandboxd.http.listener import serve_http
+from sandboxd.http.listener import LeanOptions, serve_http
 from sandboxd.runtime import memory, process, spawn
 from sandboxd.runtime.notify import Notifier
 from sandboxd.runtime.supervisor import Supervisor
@@ -103,6 +103,7 @@ async def serve(
                         sock,
                         server_stopped,
                         max_connections=config.max_connections,
+                        lean=LeanOptions(app, config.ws_max_message_bytes, config.ws_compression),
                         task_status=task_status,
                     )
                 finally:

@@ -20,6 +20,10 @@ from sandboxd.core.session import (
     Session,
     SessionState,
     Stream,
+    pacing_cursor,
+    ping_due,
+    receive_pong,
+    start_ping,
 )
 
 EPS = 1e-6
@@ -298,3 +302,154 @@ def test_a_watcher_cut_off_lingers_for_pacing_like_a_client() -> None:
     assert s.lingering == [w]
     assert not s.may_read(Stream.STDOUT, 102.0, 413)
     assert s.may_read(Stream.STDOUT, 106.0, 413)  # gone stall_seconds: no longer paces
+
+
+# ---- acknowledged delivery ---------------------------------------------------------
+
+
+def test_a_pong_acknowledges_what_was_written_before_its_ping_and_nothing_else() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    a = s.attach(100.0)
+    assert ping_due(a)  # none sent yet
+    a.stdout_cursor, a.stderr_cursor = 300, 0
+    payload = start_ping(a, 100.0)
+    assert len(payload) <= 125
+    a.stdout_cursor = 700  # written after the ping
+    assert not ping_due(a)  # one outstanding at a time
+    assert not receive_pong(a, b"unsolicited", 100.1)
+    assert not a.delivery.answered
+    assert receive_pong(a, payload, 100.2)
+    assert (a.delivery.acked(Stream.STDOUT), a.delivery.acked(Stream.STDERR)) == (300, 0)
+    assert not receive_pong(a, payload, 100.3)  # a repeated pong changes nothing
+    assert ping_due(a)  # 400 written since that ping: the next one is due
+    start_ping(a, 100.3)
+    assert not ping_due(a)
+    assert receive_pong(a, b"sandboxd 2", 100.4)
+    assert a.delivery.acked(Stream.STDOUT) == 700
+    assert not ping_due(a)  # everything acknowledged: nothing to ask about
+
+
+def test_a_client_that_answers_paces_by_what_it_acknowledged_not_what_was_written() -> None:
+    # a 1024-byte ring: output runs at most 512 ahead of the acknowledged offset
+    s = make()
+    a = s.attach(100.0)
+    start_ping(a, 100.0)
+    receive_pong(a, b"sandboxd 1", 100.0)
+    s.stdout.append(b"x" * 600)
+    a.stdout_cursor = 600  # written, in flight
+    start_ping(a, 100.0)
+    assert pacing_cursor(a, Stream.STDOUT, 100.0, 5.0, attached=True) == 0
+    assert not s.may_read(Stream.STDOUT, 100.0, 1)  # 600 ahead of what it acknowledged
+    receive_pong(a, b"sandboxd 2", 101.0)
+    assert s.may_read(Stream.STDOUT, 101.0, 512)
+
+
+def test_a_client_that_never_answers_paces_by_its_written_cursor() -> None:
+    s = make()
+    s.stdout.append(b"x" * 600)
+    a = s.attach(100.0, stdout_offset=600)
+    start_ping(a, 100.0)  # never answered
+    assert pacing_cursor(a, Stream.STDOUT, 104.0, 5.0, attached=True) == 600
+    assert s.may_read(Stream.STDOUT, 104.0, 512)
+    assert pacing_cursor(a, Stream.STDOUT, 105.0, 5.0, attached=True) is None  # stalled
+
+
+def test_a_client_whose_answers_stop_for_stall_seconds_falls_back_to_its_written_cursor() -> None:
+    s = make()
+    a = s.attach(100.0)
+    start_ping(a, 100.0)
+    receive_pong(a, b"sandboxd 1", 100.0)
+    s.stdout.append(b"x" * 600)
+    a.advance(Stream.STDOUT, s.read(a, Stream.STDOUT, 600), 100.0)
+    start_ping(a, 100.0)  # and no pong ever comes, though it keeps taking output
+    assert pacing_cursor(a, Stream.STDOUT, 105.0 - EPS, 5.0, attached=True) == 0
+    a.last_progress = 104.0
+    assert pacing_cursor(a, Stream.STDOUT, 105.0, 5.0, attached=True) == 600
+    # one that takes nothing either stops pacing, as any stalled client
+    assert pacing_cursor(a, Stream.STDOUT, 109.0, 5.0, attached=True) is None
+    assert s.may_read(Stream.STDOUT, 109.0, 1024)
+
+
+def test_answers_that_stop_with_no_ping_outstanding_also_go_stale() -> None:
+    # pong in hand, output written since, and the write that would carry the next ping
+    # never completes (the client stopped reading): it cannot pin the command
+    s = make()
+    a = s.attach(100.0)
+    start_ping(a, 100.0)
+    receive_pong(a, b"sandboxd 1", 101.0)
+    a.stdout_cursor = 400
+    assert pacing_cursor(a, Stream.STDOUT, 106.0 - EPS, 5.0, attached=True) == 0
+    assert pacing_cursor(a, Stream.STDOUT, 106.0, 5.0, attached=True) is None
+    a.stdout_cursor = 0
+    a.waiting = True  # parked with everything acknowledged: it paces however long it waits
+    assert pacing_cursor(a, Stream.STDOUT, 1000.0, 5.0, attached=True) == 0
+
+
+def test_a_dropped_client_lingers_at_what_it_acknowledged() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    a = s.attach(100.0)
+    start_ping(a, 100.0)
+    receive_pong(a, b"sandboxd 1", 100.0)  # acknowledged 0
+    a.stdout_cursor = 1000  # written, then the connection dropped
+    s.detach(a, 100.0)
+    assert s.lingering == [a]
+    assert not s.may_read(Stream.STDOUT, 105.0 - EPS, 1)  # 1000 ahead of offset 0
+    assert s.may_read(Stream.STDOUT, 105.0, 512)  # gone stall_seconds: forgotten
+    unpinged = s.attach(105.0, stdout_offset=1000)
+    s.detach(unpinged, 105.0)  # never pinged (ASGI): it lingers at what was written
+    s.stdout.append(b"x" * 100)
+    assert s.may_read(Stream.STDOUT, 106.0, 412) and not s.may_read(Stream.STDOUT, 106.0, 413)
+
+
+def test_a_client_dropped_before_its_first_pong_lingers_at_its_attach_offsets() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    a = s.attach(100.0, stdout_offset=200)
+    start_ping(a, 100.0)  # behind `started`; the connection drops before the pong
+    a.stdout_cursor = 1000
+    assert pacing_cursor(a, Stream.STDOUT, 100.0, 5.0, attached=True) == 1000  # (c): written
+    s.detach(a, 100.0)
+    assert pacing_cursor(a, Stream.STDOUT, 100.0, 5.0, attached=False) == 200
+    assert not s.may_read(Stream.STDOUT, 101.0, 1)
+
+
+def test_a_slow_client_far_behind_on_acknowledgements_stops_pacing() -> None:
+    # the lag rule compares the offsets each client paces by: here, acknowledged ones
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    fast, slow = s.attach(100.0), s.attach(100.0)
+    for client, acked in ((fast, 1000), (slow, 743)):
+        client.stdout_cursor = acked
+        start_ping(client, 100.0)
+        receive_pong(client, b"sandboxd 1", 100.0)
+        client.stdout_cursor = 1000  # both have everything written
+    assert s.may_read(Stream.STDOUT, 100.0, 512)  # 257 behind the leader: not pacing
+    slow.delivery.acked_stdout = 744
+    assert not s.may_read(Stream.STDOUT, 100.0, 257)
+
+
+def test_a_watcher_that_answers_paces_by_what_it_acknowledged_like_a_client() -> None:
+    s = make()
+    w = s.attach(100.0, watch=True)
+    assert w.delivery.acked(Stream.STDOUT) == 0
+    start_ping(w, 100.0)
+    receive_pong(w, b"sandboxd 1", 100.0)
+    s.stdout.append(b"x" * 600)
+    w.stdout_cursor = 600  # written to the watcher, in flight
+    start_ping(w, 100.0)
+    assert not s.may_read(Stream.STDOUT, 100.0, 1)  # 600 ahead of what it acknowledged
+    receive_pong(w, b"sandboxd 2", 100.5)
+    assert s.may_read(Stream.STDOUT, 100.5, 512)
+
+
+def test_a_watcher_dropped_lingers_at_what_it_acknowledged() -> None:
+    s = make()
+    s.stdout.append(b"x" * 1000)
+    w = s.attach(100.0, stdout_offset=200, watch=True)
+    start_ping(w, 100.0)  # dropped before its first pong
+    w.stdout_cursor = 1000
+    s.detach(w, 100.0)
+    assert s.lingering == [w]
+    assert not s.may_read(Stream.STDOUT, 101.0, 1)  # 800 ahead of its attach offset

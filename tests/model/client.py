@@ -248,6 +248,9 @@ class ModelSocket:
             if self.conn.state is ConnectionState.REMOTE_CLOSING:
                 with contextlib.suppress(OSError):
                     self.sock.sendall(self.conn.send(event.response()))
-        elif isinstance(event, Ping):
+        elif isinstance(event, Ping) and self.conn.state is ConnectionState.OPEN:
+            # A daemon's ping (sent behind output on the lean path) may cross this
+            # client's close frame; nothing, a pong included, may follow that close
+            # (wsproto refuses it), so a ping is answered only while the connection is open.
             with contextlib.suppress(OSError):
                 self.sock.sendall(self.conn.send(event.response()))

@@ -211,3 +211,8 @@ _encoder = msgspec.json.Encoder()
 def encode_text(msg: ServerMessage) -> str:
     """One server message as the text of a WebSocket frame."""
     return _encoder.encode(msg).decode()
+
+
+def encode(msg: ServerMessage) -> bytes:
+    """One server message as the UTF-8 JSON payload of a WebSocket text frame."""
+    return _encoder.encode(msg)

@@ -25,7 +25,8 @@ the supervisor carries out. The rules:
 * A kill asked for while one is already under way changes nothing: the first reason is
   the one reported.
 
-Output is paced by clients (``may_read``): see ``PACE_WINDOW`` and ``LAG_LIMIT``.
+Output is paced by clients (``may_read``): see ``PACE_WINDOW`` and ``LAG_LIMIT``, and
+``Delivery`` for clients that acknowledge what they received.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class Attachment:
     last_progress: float
     waiting: bool = False
     watch: bool = False
+    delivery: Delivery = field(default_factory=lambda: Delivery())
 
     def cursor(self, stream: Stream) -> int:
         """The next byte this client wants from ``stream``."""
@@ -205,6 +207,7 @@ class Session:
     ) -> Attachment:
         """A client attached; the idle clock stops. A watcher leaves the clock alone."""
         attachment = Attachment(stdout_offset, stderr_offset, now, watch=watch)
+        attachment.delivery = Delivery(acked_stdout=stdout_offset, acked_stderr=stderr_offset)
         if watch:
             self.watchers.append(attachment)
         else:
@@ -270,16 +273,23 @@ class Session:
         it, or progress within ``stall_seconds``) and is no more than
         ``capacity // LAG_LIMIT`` behind the leading client. A client that went quiet or
         fell that far behind stops pacing and may later see a gap; it paces again once
-        it catches up. Watchers pace exactly like clients. Lingering cursors of clients
-        that left count until they have been gone ``stall_seconds``. With nobody
-        attached or lingering, reading never waits.
+        it catches up. Watchers pace exactly like clients (acknowledged delivery
+        included). Lingering cursors of clients that left count until they have been
+        gone ``stall_seconds``. With nobody attached or lingering, reading never waits.
+        A client that acknowledges delivery paces by what it acknowledged
+        (``pacing_cursor``).
         """
         self._forget_lingering(now)
+        stall = self.stall_seconds
         cursors = [
-            a.cursor(stream)
-            for clients in (self.attachments, self.watchers, self.lingering)
+            cursor
+            for clients, attached in (
+                (self.attachments, True),
+                (self.watchers, True),
+                (self.lingering, False),
+            )
             for a in clients
-            if a.waiting or now - a.last_progress < self.stall_seconds
+            if (cursor := pacing_cursor(a, stream, now, stall, attached=attached)) is not None
         ]
         if not cursors:
             return True
@@ -345,6 +355,99 @@ class Session:
             cpu_seconds=round(status.cpu_seconds, 6),
             peak_rss_bytes=status.peak_rss_bytes,
         )
+
+
+# ---- acknowledged delivery ------------------------------------------------------------
+#
+# Bytes written to a socket are not yet received: kernel buffers, proxies and the client
+# library's queue can hold megabytes. A transport that can (the lean WebSocket path) sends a
+# ping behind the output it wrote and the client's pong acknowledges everything before it.
+# These rules say which offsets count as delivered, for pacing and for a lingering cursor.
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """What one client has acknowledged (pongs to pings sent behind its output).
+
+    At most one ping is outstanding. ``answered`` turns true with the first pong; a client
+    that never answers (a raw client, or a transport that cannot see pongs) is paced by
+    its written cursors as before while attached. The acknowledged offsets start at the
+    attach offsets.
+    """
+
+    answered: bool = False
+    acked_stdout: int = 0
+    acked_stderr: int = 0
+    heard_at: float = 0.0  # the last acknowledging pong
+    seq: int = 0  # the number of the last ping sent
+    pinged: tuple[int, int] | None = None  # cursors written before the last ping sent
+    outstanding: bool = False
+    pinged_at: float = 0.0
+
+    def acked(self, stream: Stream) -> int:
+        """The offset in ``stream`` up to which the client acknowledged delivery."""
+        return self.acked_stdout if stream is Stream.STDOUT else self.acked_stderr
+
+
+def ping_due(attachment: Attachment) -> bool:
+    """Whether a ping should follow what was written: none is outstanding, and output was
+    written since the last one (or none was sent yet)."""
+    delivery = attachment.delivery
+    written = (attachment.stdout_cursor, attachment.stderr_cursor)
+    return not delivery.outstanding and delivery.pinged != written
+
+
+def start_ping(attachment: Attachment, now: float) -> bytes:
+    """Record a ping sent behind everything written so far; its payload (<= 125 bytes)."""
+    delivery = attachment.delivery
+    delivery.seq += 1
+    delivery.pinged = (attachment.stdout_cursor, attachment.stderr_cursor)
+    delivery.outstanding = True
+    delivery.pinged_at = now
+    return b"sandboxd %d" % delivery.seq
+
+
+def receive_pong(attachment: Attachment, payload: bytes, now: float) -> bool:
+    """A pong came: True when it answers the outstanding ping, whose offsets are now
+    acknowledged. Any other pong (unsolicited, stale) changes nothing."""
+    delivery = attachment.delivery
+    if not delivery.outstanding or payload != b"sandboxd %d" % delivery.seq:
+        return False
+    assert delivery.pinged is not None
+    delivery.acked_stdout, delivery.acked_stderr = delivery.pinged
+    delivery.answered = True
+    delivery.outstanding = False
+    delivery.heard_at = now
+    return True
+
+
+def pacing_cursor(
+    attachment: Attachment, stream: Stream, now: float, stall: float, *, attached: bool
+) -> int | None:
+    """The offset at which ``attachment`` paces ``stream``, or None if it does not pace.
+
+    * A lingering cursor (``attached`` false; it is dropped ``stall`` after its client
+      left) paces at what its client acknowledged: its attach offsets if it was pinged
+      but never answered (it may have left before its first pong came back). Only a
+      client that was never pinged (a transport that cannot see pongs) lingers at what
+      was written to it.
+    * An attached client that answers pings paces at its acknowledged offset while its
+      answers are fresh: the outstanding ping was sent less than ``stall`` ago, or with
+      none outstanding, it answered less than ``stall`` ago or is parked with everything.
+    * Otherwise (it never answered, or stopped answering) the written cursor paces while
+      the client takes output (parked, or progress within ``stall``), as for any client.
+    """
+    delivery = attachment.delivery
+    if not attached:
+        pinged = delivery.answered or delivery.pinged is not None
+        return delivery.acked(stream) if pinged else attachment.cursor(stream)
+    if delivery.answered:
+        since = delivery.pinged_at if delivery.outstanding else delivery.heard_at
+        if now - since < stall or (attachment.waiting and not delivery.outstanding):
+            return delivery.acked(stream)
+    if attachment.waiting or now - attachment.last_progress < stall:
+        return attachment.cursor(stream)
+    return None
 
 
 def signal_name(signo: int) -> str:

@@ -13,14 +13,16 @@ of one socket in the order its frames arrived, and a ``close_stdin`` closes afte
 Back-pressure: applying an ``input`` waits only while the command's stdin queue is over
 its cap (``STDIN_BUFFER_CAP``); that pause is the one place where the socket is not read,
 so a ``kill``, ``signal`` or ``resize`` behind up to that much unwritten input acts at once.
+
+Where the transport sees pongs (the lean path), a ping follows the output written when
+none is outstanding, and each pong tells the session what the client acknowledged
+(``core/session.py``, acknowledged delivery): pacing then bounds the bytes in flight.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
@@ -42,33 +44,31 @@ from sandboxd.core.messages import (
     Stderr,
     Stdout,
     decode_client,
-    encode_text,
+    encode,
     read_only_refusal,
 )
-from sandboxd.core.session import Attachment, Stream
+from sandboxd.core.session import Attachment, Stream, ping_due, receive_pong, start_ping
+from sandboxd.endpoints.transport import MessageTransport
 from sandboxd.runtime import process
 from sandboxd.runtime.supervisor import STDIN_BUFFER_CAP, LiveSession, Supervisor
 
 log = logging.getLogger("sandboxd.exec")
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
 #: Control frames held before the binding frame; more is a misbehaving client.
 MAX_PENDING_CONTROL = 256
 #: Characters of control frames held before the binding frame; more is a misbehaving client.
 MAX_PENDING_TEXT = STDIN_BUFFER_CAP
+#: Output gathered into one write while more is ready (several frames, one syscall).
+BATCH_BYTES = 4 * CHUNK_BYTES
 
 
 class ExecConnection:
     """One accepted ``/execute/ws`` socket."""
 
-    def __init__(self, supervisor: Supervisor, receive: Receive, send: Send, peer: str) -> None:
+    def __init__(self, supervisor: Supervisor, transport: MessageTransport, peer: str) -> None:
         self._supervisor = supervisor
-        self._receive = receive
-        self._asgi_send = send
+        self._transport = transport
         self._peer = peer
-        self._send_lock = trio.Lock()
         self._bound = trio.Event()
         self._bind_message: Execute | Reconnect | None = None
         self._pending: deque[tuple[ControlMessage, int]] = deque()
@@ -79,6 +79,7 @@ class ExecConnection:
         self._attachment: Attachment | None = None
         self.started_sent = False
         self._closed = False
+        self._pings = transport.on_pong(self._on_pong)
 
     async def run(self) -> None:
         """Serve the socket until the command's end, an error, or the client leaves."""
@@ -105,17 +106,13 @@ class ExecConnection:
 
     async def _receive_loop(self) -> None:
         while True:
-            event = await self._receive()
-            kind = event["type"]
-            if kind == "websocket.disconnect":
+            text = await self._transport.receive()
+            if text is None:  # the client closed, broke the protocol, or dropped
                 self._closed = True
                 self._scope.cancel()
                 return
-            if kind != "websocket.receive":
-                continue
-            text = event.get("text")
             try:
-                if text is None:
+                if isinstance(text, bytes):
                     raise InvalidRequest("binary frames are not accepted; send JSON text frames")
                 message = decode_client(text)
                 if isinstance(message, Execute | Reconnect):
@@ -223,57 +220,80 @@ class ExecConnection:
     async def _stream(self, live: LiveSession, attachment: Attachment) -> None:
         core = live.core
         while True:
-            progressed = False
-            for stream in (Stream.STDOUT, Stream.STDERR):
-                result = core.read(attachment, stream, CHUNK_BYTES)
-                if result.gap is not None:
-                    start, end = result.gap
-                    await self._send(Gap(stream=stream.value, from_=start, to=end))
-                    progressed = True
-                if result.data:
-                    text = result.data.decode()
-                    chunk = (
-                        Stdout(data=text, offset=result.offset)
-                        if stream is Stream.STDOUT
-                        else Stderr(data=text, offset=result.offset)
-                    )
-                    await self._send(chunk)
-                    progressed = True
-                if result.gap is not None or result.data:
-                    live.delivered(attachment, stream, result)
-            if progressed:
-                continue
+            batch: list[ServerMessage] = []
+            size = 0
+            progressed = True
+            while progressed and size < BATCH_BYTES:
+                progressed = False
+                for stream in (Stream.STDOUT, Stream.STDERR):
+                    result = core.read(attachment, stream, CHUNK_BYTES)
+                    if result.gap is not None:
+                        start, end = result.gap
+                        batch.append(Gap(stream=stream.value, from_=start, to=end))
+                        progressed = True
+                    if result.data:
+                        text = result.data.decode()
+                        batch.append(
+                            Stdout(data=text, offset=result.offset)
+                            if stream is Stream.STDOUT
+                            else Stderr(data=text, offset=result.offset)
+                        )
+                        size += len(result.data)
+                        progressed = True
+                    if result.gap is not None or result.data:
+                        live.delivered(attachment, stream, result)
             if core.finished_for(attachment):
-                await self._send(core.terminal_message())
-                await self._close(1000)
+                # The last output, the terminal frame and the close: one write.
+                batch.append(core.terminal_message())
+                await self._send(*batch, close=1000)
                 return
+            if batch:
+                await self._send(*batch)
+                continue
+            if self._closed:
+                return  # the client is gone (the scope's cancel lands at a checkpoint)
+            if self._pings and ping_due(attachment):
+                await self._send()  # a ping behind what was written before the last pong
+                continue  # (output that came meanwhile is read before parking)
             await live.wait_for_output(attachment)
+
+    def _on_pong(self, payload: bytes) -> None:
+        """The client's pong: what it acknowledged may let the command run on; a parked
+        stream with output written since that ping is woken to send the next ping."""
+        live, attachment = self.live, self._attachment
+        if live is None or attachment is None:
+            return
+        if receive_pong(attachment, payload, trio.current_time()):
+            live.notify_consumed()
+            if attachment.waiting and ping_due(attachment):
+                live.notify_changed()
 
     # ---- sending ----------------------------------------------------------------------
 
-    async def _send(self, message: ServerMessage) -> None:
-        async with self._send_lock:
-            if not self._closed:
-                await self._write({"type": "websocket.send", "text": encode_text(message)})
-
-    async def _close(self, code: int) -> None:
-        async with self._send_lock:
-            if not self._closed:
-                self._closed = True
-                await self._write({"type": "websocket.close", "code": code})
-
-    async def _write(self, event: dict[str, Any]) -> None:
-        """Hand one event to hypercorn. When the client closes at the same moment,
-        hypercorn's own close handling can collide with this write on the socket
-        (``BusyResourceError``): the connection is ending either way, so that is the end."""
+    async def _send(self, *messages: ServerMessage, close: int | None = None) -> None:
+        """``messages`` in one write, then a close with ``close`` if given, else a ping
+        if one is due; nothing is sent once a close went out."""
+        if self._closed:
+            return
+        if close is not None:
+            self._closed = True
+        ping = None
+        attachment = self._attachment
+        if self._pings and close is None and attachment is not None and ping_due(attachment):
+            ping = start_ping(attachment, trio.current_time())
         try:
-            await self._asgi_send(event)
+            await self._transport.send([encode(m) for m in messages], close=close, ping=ping)
         except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+            # When the client closes at the same moment, hypercorn's own close handling
+            # can collide with a write (BusyResourceError): the connection is ending
+            # either way, so that is the end.
             self._closed = True
             self._scope.cancel()
 
+    async def _close(self, code: int) -> None:
+        await self._send(close=code)
+
     async def _fail(self, exc: SandboxdError) -> None:
         """Answer with an ``error`` frame and close; the command itself is untouched."""
-        await self._send(Error(error_type=exc.error_type, error=exc.message))
-        await self._close(1000)
+        await self._send(Error(error_type=exc.error_type, error=exc.message), close=1000)
         self._scope.cancel()

@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
 from sandboxd.core import yamux
 from sandboxd.core.yamux import Flag, FrameType
+from sandboxd.endpoints.transport import MessageTransport
 
 log = logging.getLogger("sandboxd.tunnel")
 
@@ -218,27 +218,21 @@ class TunnelSession:
         return True
 
 
-async def serve_tunnel(
-    receive: Callable[[], Awaitable[dict[str, Any]]], send: Any, policy: PortPolicy
-) -> None:
+async def serve_tunnel(transport: MessageTransport, policy: PortPolicy) -> None:
     """Run one accepted ``/tunnel`` WebSocket until the client leaves or says GO_AWAY."""
 
     async def send_bytes(frame: bytes) -> None:
-        await send({"type": "websocket.send", "bytes": frame})
+        await transport.send([frame], binary=True)
 
     session = TunnelSession(send_bytes, policy)
     async with trio.open_nursery() as nursery:
         while True:
-            event = await receive()
-            if event["type"] == "websocket.disconnect":
+            message = await transport.receive()
+            if message is None:
                 break
-            if event["type"] != "websocket.receive":
-                continue
-            chunk = event.get("bytes")
-            if chunk is None:
-                chunk = (event.get("text") or "").encode()
+            chunk = message.encode() if isinstance(message, str) else message
             if not await session.feed(chunk, nursery):
                 break
         session.closed = True
         nursery.cancel_scope.cancel()
-    await send({"type": "websocket.close", "code": 1000})
+    await transport.send([], close=1000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 import h11
 import trio
@@ -27,6 +28,7 @@ from sandboxd.endpoints import files, search
 from sandboxd.endpoints.exec_ws import ExecConnection
 from sandboxd.endpoints.sse import SseEndpoints
 from sandboxd.endpoints.terminal import Asset, TerminalFiles
+from sandboxd.endpoints.transport import AsgiTransport, MessageTransport
 from sandboxd.endpoints.tunnel import PortPolicy, serve_tunnel
 from sandboxd.http.asgi import (
     ClientGone,
@@ -94,35 +96,77 @@ class App:
             await self._lifespan(receive, send)
             return
         path = _SLASHES.sub("/", scope["path"])
-        if kind in ("websocket", "http"):
+        if kind == "websocket":
+            await self._asgi_websocket(path, scope, receive, send)
+        elif kind == "http":
             verdict = self.gate.check(
                 path,
                 lambda name: header(scope, name),
                 scope["client"][0] if scope.get("client") else "?",
                 trio.current_time(),
-                upgrade=kind == "websocket",
-                tls=scope.get("scheme") in ("https", "wss"),
+                upgrade=False,
+                tls=scope.get("scheme") == "https",
             )
             if not verdict.allowed:
-                await self._refuse(kind, verdict, receive, send)
+                await self._refuse(verdict, send)
                 return
-        if kind == "websocket":
-            await self._websocket(path, scope, receive, send)
-        elif kind == "http":
             await self._http(path, scope, receive, send)
 
     # ---- WebSocket ----------------------------------------------------------------
 
-    async def _websocket(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+    def upgrade_refusal(
+        self, path: str, header: Callable[[str], str | None], peer: str, *, tls: bool
+    ) -> Verdict | None:
+        """Why an upgrade to ``path`` is refused (token, Origin, no such endpoint, a stop
+        under way), or None to accept it. ``peer`` is the client's host; ``tls`` whether
+        the upgrade came over wss (the scheme of the daemon's own origin)."""
+        verdict = self.gate.check(path, header, peer, trio.current_time(), upgrade=True, tls=tls)
+        if not verdict.allowed:
+            log.info(
+                "request refused",
+                extra={"error_type": verdict.error_type, "status": verdict.status},
+            )
+            return verdict
+        if path not in WEBSOCKET_PATHS:
+            return Verdict(False, 404, "NotFound", f"no WebSocket endpoint at {path}")
+        if self.supervisor.shutting_down:
+            error_type = ServerShuttingDown.error_type
+            return Verdict(False, 503, error_type, "sandboxd is shutting down", 1)
+        return None
+
+    async def serve_websocket(self, path: str, transport: MessageTransport, peer: str) -> None:
+        """Run the endpoint at ``path`` on an accepted WebSocket until it is done."""
+        if path == "/tunnel":
+            try:
+                await serve_tunnel(transport, self.tunnel_policy)
+            except Exception:
+                log.exception("tunnel failed", extra={"peer": peer})
+            return
+        connection = ExecConnection(self.supervisor, transport, peer)
+        self.connections.add(connection)
+        if self._no_connections.is_set():
+            self._no_connections = trio.Event()
+        try:
+            await connection.run()
+        except Exception:
+            log.exception("exec connection failed", extra={"peer": peer})
+        finally:
+            self.connections.discard(connection)
+            if not self.connections:
+                self._no_connections.set()
+
+    async def _asgi_websocket(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """An upgrade hypercorn serves (see ``endpoints/transport.py`` for which)."""
         event = await receive()
         if event["type"] != "websocket.connect":
             return
-        if path not in WEBSOCKET_PATHS:
-            await self._reject(send, 404, "NotFound", f"no WebSocket endpoint at {path}")
-            return
-        if self.supervisor.shutting_down:
+        client = scope["client"][0] if scope.get("client") else "?"
+        verdict = self.upgrade_refusal(
+            path, lambda name: header(scope, name), client, tls=scope.get("scheme") == "wss"
+        )
+        if verdict is not None:
             await self._reject(
-                send, 503, ServerShuttingDown.error_type, "sandboxd is shutting down", retry=1
+                send, verdict.status, verdict.error_type, verdict.message, verdict.retry_after
             )
             return
         # A browser offers the token as a subprotocol next to ``sandboxd.v1`` and fails
@@ -137,36 +181,13 @@ class App:
             # forbids it); hypercorn's HTTP layer has given up on the connection.
             log.info("upgrade abandoned", extra={"peer": _peer(scope), "error": str(exc)})
             return
-        if path == "/tunnel":
-            try:
-                await serve_tunnel(receive, send, self.tunnel_policy)
-            except Exception:
-                log.exception("tunnel failed", extra={"peer": _peer(scope)})
-            return
-        connection = ExecConnection(self.supervisor, receive, send, _peer(scope))
-        self.connections.add(connection)
-        if self._no_connections.is_set():
-            self._no_connections = trio.Event()
-        try:
-            await connection.run()
-        except Exception:
-            log.exception("exec connection failed", extra={"peer": _peer(scope)})
-        finally:
-            self.connections.discard(connection)
-            if not self.connections:
-                self._no_connections.set()
+        await self.serve_websocket(path, AsgiTransport(receive, send), _peer(scope))
 
-    async def _refuse(self, kind: str, verdict: Verdict, receive: Receive, send: Send) -> None:
+    async def _refuse(self, verdict: Verdict, send: Send) -> None:
         log.info(
             "request refused",
             extra={"error_type": verdict.error_type, "status": verdict.status},
         )
-        if kind == "websocket":
-            await receive()  # websocket.connect
-            await self._reject(
-                send, verdict.status, verdict.error_type, verdict.message, verdict.retry_after
-            )
-            return
         retry = [("retry-after", str(verdict.retry_after))] if verdict.retry_after else []
         await respond(
             send, verdict.status, error_body(verdict.error_type, verdict.message), headers=retry

@@ -1,4 +1,10 @@
-"""Accepting connections and handing each to hypercorn's trio protocol stack.
+"""Accepting connections, and routing each to the lean WebSocket path or to hypercorn.
+
+The first request head of a connection is read here (within the handshake timeout). A
+valid WebSocket upgrade to ``/execute/ws`` or ``/tunnel`` goes to ``websocket.py``, which
+speaks the protocol on the raw stream; everything else (other requests, heads that do not
+parse, heads over ``MAX_HEAD_BYTES``, and permessage-deflate offers when
+``--ws-compression`` accepts them) goes to hypercorn with the bytes read so far.
 
 hypercorn's own ``worker_serve`` runs every connection in one nursery, so an exception
 escaping one connection's protocol handling (seen: h11 ``LocalProtocolError`` when a
@@ -24,12 +30,14 @@ import trio
 import wsproto.utilities
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import Closed, Event
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
+from sandboxd.core import websocket as ws
 from sandboxd.http.asgi import error_body
+from sandboxd.http.websocket import UpgradeTarget, serve_upgrade
 
 log = logging.getLogger("sandboxd.http")
 
@@ -42,7 +50,12 @@ class _TCPServer(TCPServer):
     timer is stopped instead of left to run out (the connection would otherwise hold
     its task, and its place under ``max_connections``, for the whole timeout)."""
 
+    #: What the listener read of the connection before handing it over.
+    prefix = b""
+
     async def _read_data(self) -> None:
+        if self.prefix:
+            await self.protocol.handle(RawData(self.prefix))
         await super()._read_data()
         await self.idle_task.stop()
 
@@ -86,6 +99,7 @@ async def serve_http(
     stop: trio.Event,
     *,
     max_connections: int = 1024,
+    lean: LeanOptions | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on the listening ``sock`` until ``stop`` is set.
@@ -111,7 +125,21 @@ async def serve_http(
             return
         open_connections += 1
         try:
-            await _TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+            prefix = await _read_head(stream, config.keep_alive_timeout)
+            if prefix is None:
+                await trio.aclose_forcefully(stream)
+                return
+            if lean is not None:
+                upgrade = lean.route(prefix)
+                if upgrade is not None:
+                    head, key, end = upgrade
+                    await serve_upgrade(
+                        stream, head, key, prefix[end:], lean.target, lean.max_message
+                    )
+                    return
+            server = _TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+            server.prefix = prefix
+            await server
         except Exception as exc:
             if client_broke_protocol(exc):
                 log.info("client broke the protocol; closed", extra={"error": repr(exc)})
@@ -131,6 +159,55 @@ async def serve_http(
             accepting.cancel_scope.cancel()
         await context.terminated.set()
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+
+
+class LeanOptions:
+    """Where the lean path sends upgrades, and its settings."""
+
+    def __init__(self, target: UpgradeTarget, max_message: int, compression: bool) -> None:
+        self.target = target
+        self.max_message = max_message
+        self.compression = compression
+
+    def route(self, prefix: bytes) -> tuple[ws.RequestHead, str, int] | None:
+        """The head, key and head length of a lean upgrade at the start of ``prefix``."""
+        end = ws.head_end(prefix)
+        if end < 0:
+            return None
+        head = ws.parse_head(prefix[:end])
+        if head is None or head.path not in LEAN_PATHS:
+            return None
+        key = ws.upgrade_key(head)
+        if key is None or (self.compression and ws.offers_deflate(head)):
+            return None
+        return head, key, end
+
+
+#: The upgrades the lean path serves.
+LEAN_PATHS = frozenset({"/execute/ws", "/tunnel"})
+
+
+async def _read_head(stream: trio.SocketStream, seconds: float) -> bytes | None:
+    """What the client sent, up to the end of its first request head when that is a
+    GET (only a GET can be an upgrade) and at most ``MAX_HEAD_BYTES``. None when the
+    client sent nothing, or no whole head within ``seconds``."""
+    data = b""
+    with trio.move_on_after(seconds):
+        while True:
+            try:
+                chunk = await stream.receive_some(ws.MAX_HEAD_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                chunk = b""
+            if not chunk:
+                return data or None
+            data += chunk
+            if (
+                not b"GET ".startswith(data[:4])
+                or ws.head_end(data) >= 0
+                or len(data) >= ws.MAX_HEAD_BYTES
+            ):
+                return data
+    return None
 
 
 async def _refuse(stream: trio.SocketStream, refusal: bytes) -> None:
