@@ -222,8 +222,11 @@ async def test_a_stop_sends_term_then_kill_after_the_grace_and_reports_reason_sh
     fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
 ) -> None:
     supervisor, children = fakes
-    stubborn, _ = await supervisor.get_or_create(execute(command_id="stubborn", timeout_seconds=0))
-    polite, _ = await supervisor.get_or_create(execute(command_id="polite", timeout_seconds=0))
+    # No timer but the stop's: the clock autojumps while a spawn waits for its worker
+    # thread, which would otherwise let the idle timeout (300 s) kill a command first.
+    never = {"timeout_seconds": 0, "idle_timeout_seconds": 0}
+    stubborn, _ = await supervisor.get_or_create(execute(command_id="stubborn", **never))
+    polite, _ = await supervisor.get_or_create(execute(command_id="polite", **never))
     children.ignores.add((stubborn.child.pid, signal.SIGTERM))
     start = trio.current_time()
     await supervisor.stop_all(grace=10)
