@@ -14,7 +14,7 @@ from tests.client.conftest import CLI, cli_env
 from tests.sdk.conftest import daemon_process
 from tests.test_chaos import RING, CuttingProxy, _expected
 
-LINES = 1_000_000  # about 6.9 MB of `seq`
+LINES = 2_000_000  # about 14.9 MB of `seq`: more than six cuts of at most 2 MiB each can take
 CUTS = 6
 
 
