@@ -26,7 +26,7 @@ from tests.sdk.conftest import DaemonProcess, daemon_process, sdk_sandbox
 
 pytestmark = pytest.mark.sdk
 
-MEGABYTES = int(os.environ.get("CHAOS_MB", "12"))
+MEGABYTES = int(os.environ.get("CHAOS_MB", "24"))  # > 8 cuts x 2 MiB: every cut happens
 CUTS = int(os.environ.get("CHAOS_CUTS", "8"))
 SEED = int(os.environ.get("CHAOS_SEED", str(random.randrange(1 << 32))))
 RING = 4 * 1024 * 1024
