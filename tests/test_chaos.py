@@ -2,7 +2,7 @@
 at random points, by clean closes and by TCP resets, while the released Python SDK reads
 it; its automatic reconnect must reassemble every byte exactly once.
 
-``make test`` runs a short version (12 MB, 8 cuts); ``make soak`` the full one (100 MB,
+``make test`` runs a short version (24 MB, 8 cuts); ``make soak`` the full one (100 MB,
 100 cuts). ``CHAOS_MB`` and ``CHAOS_CUTS`` set the size, ``CHAOS_SEED`` replays a run (the
 seed is printed). Half of the cuts are clean closes and half resets, in a seeded order.
 """
