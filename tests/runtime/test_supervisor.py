@@ -284,11 +284,19 @@ async def test_past_8_mib_of_queued_stdin_the_sender_waits_and_then_loses_nothin
 
 
 async def finish_with_output(
-    supervisor: Supervisor, children: FakeChildren, output: bytes, clients: int, **fields: object
+    supervisor: Supervisor,
+    children: FakeChildren,
+    output: bytes,
+    clients: int,
+    *,
+    watchers: int = 0,
+    **fields: object,
 ) -> tuple[LiveSession, list[Attachment]]:
-    """A session with ``clients`` attached that wrote ``output`` to stdout and exited 0."""
+    """A session with ``clients`` then ``watchers`` attached that wrote ``output`` to
+    stdout and exited 0."""
     live, _ = await supervisor.get_or_create(execute(timeout_seconds=0, **fields))
     attachments = [supervisor.attach(live, 0, 0) for _ in range(clients)]
+    attachments += [supervisor.attach(live, 0, 0, watch=True) for _ in range(watchers)]
     for start in range(0, len(output), 32768):  # below a pipe's buffer: never blocks
         children.write(live.child.pid, output[start : start + 32768])
         while live.core.stdout.end < start + len(output[start : start + 32768]):
@@ -318,6 +326,25 @@ async def test_ttl_0_drops_the_session_at_the_finish_but_attached_clients_read_i
     supervisor.detach(live, first)
     assert supervisor.pool.total == len(output)  # the second still reads
     supervisor.detach(live, second)
+    assert supervisor.pool.total == 0
+
+
+async def test_ttl_0_keeps_the_output_for_a_watcher_until_the_last_reader_leaves(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    output = bytes(range(33, 127)) * 10_000
+    live, (client, watcher) = await finish_with_output(
+        supervisor, children, output, 1, watchers=1, ttl_seconds=0
+    )
+    await trio.sleep(60)  # however long the watcher takes
+    with pytest.raises(SessionExpired):
+        supervisor.lookup("c1")
+    supervisor.detach(live, client)  # the watcher still reads
+    result = live.core.read(watcher, Stream.STDOUT, 2 * len(output))
+    assert result.gap is None and result.data == output
+    assert supervisor.pool.total == len(output)
+    supervisor.detach(live, watcher)  # the last reader: the output goes
     assert supervisor.pool.total == 0
 
 

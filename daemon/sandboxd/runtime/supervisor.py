@@ -352,7 +352,7 @@ class Supervisor:
 
     def detach(self, live: LiveSession, attachment: Attachment, at: float | None = None) -> None:
         """Detach a client (that left ``at``, default now); may kill the command
-        (``kill_on_disconnect``). The last client of a session already gone frees its output."""
+        (``kill_on_disconnect``). The last reader of a session already gone frees its output."""
         self.apply(live, live.core.detach(attachment, trio.current_time() if at is None else at))
         self._release_if_unread(live)
 
@@ -424,8 +424,9 @@ class Supervisor:
         self._release_if_unread(live)
 
     def _release_if_unread(self, live: LiveSession) -> None:
-        """Free the output of a session out of the registry once no client reads it."""
-        if self.sessions.get(live.command_id) is not live and not live.core.attachments:
+        """Free the output of a session out of the registry once no client or watcher reads it."""
+        readers = live.core.attachments or live.core.watchers
+        if self.sessions.get(live.command_id) is not live and not readers:
             self.pool.release(live.core.stdout)
             self.pool.release(live.core.stderr)
 
