@@ -39,11 +39,13 @@ $(WEB_ASSETS): $(WEB_NPM)/package.json $(WEB_NPM)/package-lock.json packaging/ve
 web: $(WEB_ASSETS)
 
 # Debian packages the tests and benchmarks use: websocketd (the benchmarks' anchor),
-# systemd-analyze (checks the unit files), unshare (PID 1 tests; util-linux), chromium
-# (the browser terminal's tests drive it with Playwright; `playwright install` is never run).
+# nginx-light (the download's anchor), systemd-analyze (checks the unit files), unshare
+# (PID 1 tests; util-linux), chromium (the browser terminal's tests drive it with
+# Playwright; `playwright install` is never run).
 tools:
 	@missing=""; \
 	command -v websocketd >/dev/null 2>&1 || missing="$$missing websocketd"; \
+	[ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \

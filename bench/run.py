@@ -4,7 +4,9 @@
 
 Prints a table of medians (min-max) and sandboxd/websocketd ratios, with the CPU the
 servers and this client used, and writes the raw results to bench/results/<time>.json.
-Every run verifies byte counts and sha256 against the command's real output.
+Every run verifies byte counts and sha256 against the command's real output. The
+dataplane rows (bench/dataplane.py) have anchors of their own: nginx for /download and
+/upload, a direct loopback TCP copy for /tunnel.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import dataplane
 from clients import RunResult, sandboxd_run, slow_reader, websocketd_run
 from servers import Server, start_sandboxd, start_websocketd, websocketd_path
 
@@ -94,15 +97,23 @@ class Bench:
         theirs: dict[str, float] | None,
         better: str,
         key: str = "median",
+        anchor: str = "",
     ) -> None:
+        """A row; ``theirs`` is websocketd's unless ``anchor`` names what it is (or, with
+        ``theirs`` None, why it is missing)."""
+
+        def num(value: float) -> str:
+            return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
         def fmt(s: dict[str, float]) -> str:
-            return f"{s[key]:.3g} ({s['min']:.3g}-{s['max']:.3g})"
+            return f"{num(s[key])} ({num(s['min'])}-{num(s['max'])})"
 
         ratio = ""
         if theirs is not None:
             value = ours[key] / theirs[key] if theirs[key] else float("inf")
             ratio = f"{value:.2f}x ({better})"
-        self.rows.append((name, unit, fmt(ours), fmt(theirs) if theirs else "-", ratio))
+        anchored = f"{fmt(theirs)} {anchor}".strip() if theirs else anchor or "-"
+        self.rows.append((name, unit, fmt(ours), anchored, ratio))
 
     # -- workloads ---------------------------------------------------------------------
 
@@ -204,9 +215,7 @@ class Bench:
             rate = total / (time.perf_counter() - start)
             return rate, latencies, failures, (server.cpu_seconds() - cpu0) * 1000 / total
 
-        rate, lat, failed, cpu = await fleet(
-            sandboxd, lambda: sandboxd_run(sandboxd.port, command)
-        )
+        rate, lat, failed, cpu = await fleet(sandboxd, lambda: sandboxd_run(sandboxd.port, command))
         entry: dict[str, Any] = {
             "commands": total,
             "sandboxd_per_s": rate,
@@ -430,7 +439,7 @@ class Bench:
     # -- report ------------------------------------------------------------------------
 
     def report(self) -> str:
-        header = ("workload", "unit", "sandboxd median (min-max)", "websocketd", "ratio")
+        header = ("workload", "unit", "sandboxd median (min-max)", "websocketd or named", "ratio")
         widths = [max(len(r[i]) for r in [header, *self.rows]) for i in range(5)]
         lines = [" | ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
         lines.append("-|-".join("-" * w for w in widths))
@@ -525,6 +534,9 @@ async def main(argv: list[str]) -> int:
         "slow_consumer": lambda: bench.slow_consumer(sandboxd),
         "memory": lambda: bench.memory(sandboxd_args),
         "replay": lambda: bench.replay(sandboxd),
+        "sdk_files": lambda: dataplane.sdk_files(bench, sandboxd),
+        "files": lambda: dataplane.files(bench, sandboxd),
+        "tunnel": lambda: dataplane.tunnel(bench, sandboxd),
     }
     try:
         for name, step in steps.items():

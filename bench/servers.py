@@ -110,3 +110,68 @@ def start_websocketd(command: str, *, binary: bool) -> Server:
             time.sleep(0.02)
     proc.kill()
     raise RuntimeError("websocketd did not start")
+
+
+def nginx_path() -> str | None:
+    """Debian's nginx (nginx-light), the download's anchor."""
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+    )
+
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+{user}pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    sendfile on;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location /put/ {{
+            dav_methods PUT;
+            client_max_body_size 0;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(prefix: str, root: str) -> Server:
+    """nginx serving ``root`` on a free loopback port, with ``PUT /put/NAME`` writing
+    there (the dav module); its config, pid and logs go in ``prefix``. Run as root, its
+    worker is ``nobody``, so ``root`` and ``root/put`` must be readable (writable) by it."""
+    path = nginx_path()
+    if path is None:
+        raise RuntimeError("nginx is not installed (make bench installs nginx-light)")
+    port = free_port()
+    user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+    os.chmod(prefix, 0o755)  # the worker's temp files go under it
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(user=user, prefix=prefix, port=port, root=root))
+    proc = subprocess.Popen(
+        [path, "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return Server(proc, port)
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    with open(os.path.join(prefix, "error.log"), errors="replace") as log:
+        raise RuntimeError(f"nginx did not start: {log.read()[-500:]}")

@@ -4,6 +4,7 @@ The timing targets are checked by ``make bench``, never here."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -37,7 +38,15 @@ def test_every_workload_runs_and_verifies_in_quick_mode() -> None:
         "replay 8 MiB: complete",
         "fast client, 1 KB/s client on the same command",
         "fast client, 1 KB/s client on the other command",
+        "SDK 1 KiB write + read round trips",
+        "download 16 MiB",
+        "upload 16 MiB",
+        "tunnel 16 MiB client -> sandbox",
+        "tunnel 16 MiB sandbox -> client",
     ):
         assert workload in table, table
     if shutil.which("websocketd"):
         assert "websocketd not installed" not in table
+    if os.access("/usr/sbin/nginx", os.X_OK):
+        assert "nginx not installed" not in table
+        assert "nginx GET" in table
