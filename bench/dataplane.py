@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 from servers import Server, nginx_path, start_nginx
 
 if TYPE_CHECKING:
@@ -403,6 +404,11 @@ def _start_forwarder(
     return proc, local
 
 
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 async def tunnel(bench: Bench, sandboxd: Server) -> None:
     """MB/s each way through ``/tunnel`` (the CLI's ``port-forward`` as its client) to a
     loopback sink/source, beside the same copy straight over loopback TCP."""
@@ -416,6 +422,7 @@ async def tunnel(bench: Bench, sandboxd: Server) -> None:
         forwarder, (via_sink, via_source) = await asyncio.to_thread(
             _start_forwarder, sandboxd, [sink, source]
         )
+        cpu = {"sandboxd": sandboxd.cpu_seconds(), "forwarder": _cpu(forwarder.pid)}
         for _ in range(runs):
             for key, port in (("up", via_sink), ("up_direct", sink)):
                 seconds = await asyncio.to_thread(upstream, port, endpoints)
@@ -423,6 +430,10 @@ async def tunnel(bench: Bench, sandboxd: Server) -> None:
             for key, port in (("down", via_source), ("down_direct", source)):
                 seconds = await asyncio.to_thread(downstream, port, size)
                 rates[key].append(size / seconds / 1e6)
+        # Where the tunnel's time goes: CPU seconds per GB carried, both ways together.
+        carried = 2 * runs * size / 1e9
+        cpu["sandboxd"] = (sandboxd.cpu_seconds() - cpu["sandboxd"]) / carried
+        cpu["forwarder"] = (_cpu(forwarder.pid) - cpu["forwarder"]) / carried
     finally:
         endpoints.close()
         if forwarder is not None:
@@ -433,7 +444,11 @@ async def tunnel(bench: Bench, sandboxd: Server) -> None:
                 forwarder.kill()
                 forwarder.wait()
     summaries = {key: stat(values) for key, values in rates.items()}
-    bench.results["tunnel"] = {"bytes": size, **{f"{k}_MBps": v for k, v in summaries.items()}}
+    bench.results["tunnel"] = {
+        "bytes": size,
+        **{f"{k}_MBps": v for k, v in summaries.items()},
+        **{f"{k}_cpu_s_per_GB": v for k, v in cpu.items()},
+    }
     label = f"{size // MiB} MiB"
     for way, key in (("client -> sandbox", "up"), ("sandbox -> client", "down")):
         bench.row(
@@ -444,3 +459,5 @@ async def tunnel(bench: Bench, sandboxd: Server) -> None:
             "higher is better",
             anchor="direct TCP",
         )
+    for who, name in (("sandboxd", "sandboxd"), ("forwarder", "`sandboxd port-forward`")):
+        bench.row(f"tunnel: {name} CPU per GB carried", "s", stat([cpu[who]]), None, "")
