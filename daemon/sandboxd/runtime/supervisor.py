@@ -185,10 +185,9 @@ class LiveSession:
     # ---- output -----------------------------------------------------------------
 
     async def pump(self, stream: Stream, fd: int, stall_seconds: float, drain: float) -> None:
-        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF), or until the
-        drain after the leader's exit is spent (``drain.DrainClock``). Reads are coalesced
-        up to ``read_limit`` (a PTY hands out about 4 KiB a read); the task yields after
-        every such chunk, so a child that never pauses cannot starve the clients."""
+        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF) or the drain
+        after the leader's exit is spent (``DrainClock``), coalescing reads (a PTY gives ~4
+        KiB each) up to ``read_limit`` and yielding after each, so no child starves clients."""
         ring = self.core.ring(stream)
         limit = read_limit(ring.capacity)
         sanitizer = Utf8Sanitizer()
