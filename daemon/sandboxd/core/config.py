@@ -19,6 +19,20 @@ GiB = 1024 * MiB
 #: escaping can grow it at most 6x, which keeps every frame far below the 1 MiB the
 #: Python client accepts.
 CHUNK_BYTES = 64 * KiB
+#: Largest amount of output one ``stdout``/``stderr`` frame of ``/execute/ws`` carries, and
+#: that a pump reads before it yields, when the JSON stays within ``MAX_FRAME_BYTES``
+#: (``CHUNK_BYTES`` is the fallback that always does). Fewer, larger frames cost the
+#: daemon and the client less per byte.
+FRAME_BYTES = 256 * KiB
+#: The largest WebSocket message the Python client accepts (protocol.md §2.6).
+MAX_FRAME_BYTES = 1 * MiB
+
+
+def read_limit(ring_capacity: int) -> int:
+    """How much a pump reads into a ring of ``ring_capacity`` before it yields: up to
+    ``FRAME_BYTES``, but no more than a sixteenth of a small ring (never under
+    ``CHUNK_BYTES``), so that one read never takes a large share of it."""
+    return max(CHUNK_BYTES, min(FRAME_BYTES, ring_capacity // 16))
 
 
 def _doc(text: str) -> msgspec.Meta:

@@ -26,7 +26,7 @@ from collections import deque
 
 import trio
 
-from sandboxd.core.config import CHUNK_BYTES
+from sandboxd.core.config import CHUNK_BYTES, FRAME_BYTES, MAX_FRAME_BYTES
 from sandboxd.core.errors import InvalidRequest, SandboxdError
 from sandboxd.core.messages import (
     CloseStdin,
@@ -47,6 +47,7 @@ from sandboxd.core.messages import (
     encode,
     read_only_refusal,
 )
+from sandboxd.core.ringbuffer import ReadResult
 from sandboxd.core.session import Attachment, Stream, ping_due, receive_pong, start_ping
 from sandboxd.endpoints.transport import MessageTransport
 from sandboxd.runtime import process
@@ -59,7 +60,7 @@ MAX_PENDING_CONTROL = 256
 #: Characters of control frames held before the binding frame; more is a misbehaving client.
 MAX_PENDING_TEXT = STDIN_BUFFER_CAP
 #: Output gathered into one write while more is ready (several frames, one syscall).
-BATCH_BYTES = 4 * CHUNK_BYTES
+BATCH_BYTES = 4 * FRAME_BYTES
 
 
 class ExecConnection:
@@ -220,24 +221,23 @@ class ExecConnection:
     async def _stream(self, live: LiveSession, attachment: Attachment) -> None:
         core = live.core
         while True:
-            batch: list[ServerMessage] = []
+            batch: list[ServerMessage | bytes] = []
             size = 0
             progressed = True
             while progressed and size < BATCH_BYTES:
                 progressed = False
                 for stream in (Stream.STDOUT, Stream.STDERR):
-                    result = core.read(attachment, stream, CHUNK_BYTES)
+                    result = core.read(attachment, stream, FRAME_BYTES)
                     if result.gap is not None:
                         start, end = result.gap
                         batch.append(Gap(stream=stream.value, from_=start, to=end))
                         progressed = True
                     if result.data:
-                        text = result.data.decode()
-                        batch.append(
-                            Stdout(data=text, offset=result.offset)
-                            if stream is Stream.STDOUT
-                            else Stderr(data=text, offset=result.offset)
-                        )
+                        payload = _output_frame(stream, result)
+                        if len(payload) > MAX_FRAME_BYTES:  # escaping grew it: at most 6x
+                            result = core.read(attachment, stream, CHUNK_BYTES)
+                            payload = _output_frame(stream, result)
+                        batch.append(payload)
                         size += len(result.data)
                         progressed = True
                     if result.gap is not None or result.data:
@@ -270,9 +270,10 @@ class ExecConnection:
 
     # ---- sending ----------------------------------------------------------------------
 
-    async def _send(self, *messages: ServerMessage, close: int | None = None) -> None:
-        """``messages`` in one write, then a close with ``close`` if given, else a ping
-        if one is due; nothing is sent once a close went out."""
+    async def _send(self, *messages: ServerMessage | bytes, close: int | None = None) -> None:
+        """``messages`` (or their encoded payloads) in one write, then a close with
+        ``close`` if given, else a ping if one is due; nothing is sent once a close went
+        out."""
         if self._closed:
             return
         if close is not None:
@@ -282,7 +283,8 @@ class ExecConnection:
         if self._pings and close is None and attachment is not None and ping_due(attachment):
             ping = start_ping(attachment, trio.current_time())
         try:
-            await self._transport.send([encode(m) for m in messages], close=close, ping=ping)
+            payloads = [m if isinstance(m, bytes) else encode(m) for m in messages]
+            await self._transport.send(payloads, close=close, ping=ping)
         except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
             # When the client closes at the same moment, hypercorn's own close handling
             # can collide with a write (BusyResourceError): the connection is ending
@@ -297,3 +299,11 @@ class ExecConnection:
         """Answer with an ``error`` frame and close; the command itself is untouched."""
         await self._send(Error(error_type=exc.error_type, error=exc.message), close=1000)
         self._scope.cancel()
+
+
+def _output_frame(stream: Stream, result: ReadResult) -> bytes:
+    """The encoded ``stdout``/``stderr`` frame carrying ``result``'s data."""
+    text = result.data.decode()
+    if stream is Stream.STDOUT:
+        return encode(Stdout(data=text, offset=result.offset))
+    return encode(Stderr(data=text, offset=result.offset))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from sandboxd.core import environment, launch
 from sandboxd.core.errors import SpawnFailed
-from sandboxd.runtime import identity
+from sandboxd.runtime import identity, pipesize
 
 #: Every catchable classic signal: their dispositions are reset to default in the child,
 #: so a daemon that ignores one (SIGPIPE, as Python does) does not pass that on.
@@ -171,6 +171,8 @@ def _open_stdio(request: SpawnRequest) -> _Stdio:
             )
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        pipesize.widen(out_r)
+        pipesize.widen(err_r)
         parent += [out_r, err_r]
         child += [out_w, err_w]
         child_in: int | None = None

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import psutil
 import trio
 
-from sandboxd.core.config import CHUNK_BYTES, Config
+from sandboxd.core.config import Config, read_limit
 from sandboxd.core.environment import clean_environment, with_identity
 from sandboxd.core.errors import (
     CommandNotFound,
@@ -185,11 +185,11 @@ class LiveSession:
     # ---- output -----------------------------------------------------------------
 
     async def pump(self, stream: Stream, fd: int, stall_seconds: float, drain: float) -> None:
-        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF), or until the
-        drain after the leader's exit is spent (``drain.DrainClock``). Reads are coalesced
-        up to a chunk (a PTY hands out about 4 KiB a read); the task yields after every
-        chunk, so a child that never pauses cannot starve the clients."""
+        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF) or the drain
+        after the leader's exit is spent (``DrainClock``), coalescing reads (a PTY gives ~4
+        KiB each) up to ``read_limit`` and yielding after each, so no child starves clients."""
         ring = self.core.ring(stream)
+        limit = read_limit(ring.capacity)
         sanitizer = Utf8Sanitizer()
         clock = DrainClock(drain, reaped=self.reaped.is_set())
         self._drain_clocks.append(clock)
@@ -198,13 +198,13 @@ class LiveSession:
             with clock.scope:
                 ended = False
                 while not ended:
-                    if not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
+                    if not self.core.may_read(stream, trio.current_time(), limit):
                         clock.paced(True)
-                        while not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
+                        while not self.core.may_read(stream, trio.current_time(), limit):
                             with trio.move_on_after(stall_seconds):
                                 await self._consumed.wait()
                         clock.paced(False)
-                    data, ended = read_available(fd, CHUNK_BYTES)
+                    data, ended = read_available(fd, limit)
                     if data is None:
                         await trio.lowlevel.wait_readable(fd)
                         continue
