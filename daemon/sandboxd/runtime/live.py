@@ -48,6 +48,23 @@ class LiveSession:
         self._stdin_event = trio.Event()
         self._terminal_open = child.pty
         self.timer_scope: trio.CancelScope | None = None
+        # What a live upgrade carries: the fds still open, and each pump's sanitiser.
+        self.open_fds: dict[Stream, int] = {Stream.STDOUT: child.output_fd}
+        if child.error_fd is not None:
+            self.open_fds[Stream.STDERR] = child.error_fd
+        self.input_open = child.input_fd is not None
+        self.sanitizers: dict[Stream, Utf8Sanitizer] = {}
+
+    def stdin_state(self) -> tuple[bytes, bool, bool]:
+        """Queued stdin not yet written, whether stdin is closing, whether the terminal
+        is open (for the handover)."""
+        return bytes(self._stdin), self._stdin_closing, self._terminal_open
+
+    def restore_stdin(self, pending: bytes, closing: bool, terminal_open: bool) -> None:
+        """Take over a queue that ``stdin_state`` gave in the old image."""
+        self._stdin = bytearray(pending)
+        self._stdin_closing = closing
+        self._terminal_open = terminal_open
 
     @property
     def command_id(self) -> str:
@@ -130,28 +147,38 @@ class LiveSession:
             spawn.set_window_size(self.child.input_fd, cols, rows)
 
     async def write_stdin(self) -> None:
-        """Write queued input to the child until stdin is closed or the child stops reading."""
-        assert self.child.input_fd is not None
-        stream = trio.lowlevel.FdStream(self.child.input_fd)
+        """Write queued input to the child until stdin is closed or the child stops reading.
+
+        A byte leaves the queue only once the kernel took it, so the queue is exact at
+        every checkpoint (a live upgrade carries it)."""
+        fd = self.child.input_fd
+        assert fd is not None
+        os.set_blocking(fd, False)
         try:
             while True:
                 if self._stdin:
-                    data = bytes(self._stdin[:65536])  # the rest stays queued: under the cap
-                    del self._stdin[:65536]
+                    try:
+                        written = os.write(fd, bytes(self._stdin[:65536]))
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(fd)
+                        continue
+                    del self._stdin[:written]
                     self.notify_changed()  # wakes queue_input waiters
-                    await stream.send_all(data)
+                    await trio.lowlevel.checkpoint()
                 elif self._stdin_closing:
                     return
                 else:
                     await self._stdin_event.wait()
                     self._stdin_event = trio.Event()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # the child closed its stdin; what it did not read is dropped
+        except OSError:
+            return  # the child closed its stdin (EPIPE, EIO): what it did not read is dropped
         finally:
             self._stdin_closing = True
             self._terminal_open = False
             self._stdin.clear()
-            stream.close()
+            self.input_open = False
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
 
     # ---- output -----------------------------------------------------------------
 
@@ -161,7 +188,7 @@ class LiveSession:
         up to a chunk (a PTY hands out about 4 KiB a read); the task yields after every
         chunk, so a child that never pauses cannot starve the clients."""
         ring = self.core.ring(stream)
-        sanitizer = Utf8Sanitizer()
+        sanitizer = self.sanitizers.setdefault(stream, Utf8Sanitizer())
         clock = DrainClock(drain, reaped=self.reaped.is_set())
         self._drain_clocks.append(clock)
         os.set_blocking(fd, False)
@@ -186,6 +213,7 @@ class LiveSession:
                     await trio.lowlevel.checkpoint()
         finally:
             ring.append(sanitizer.finish())
+            self.open_fds.pop(stream, None)
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
             self.notify_changed()

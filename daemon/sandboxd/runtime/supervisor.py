@@ -39,7 +39,6 @@ from sandboxd.core.session import (
     Lifetimes,
     Session,
     SessionState,
-    Stream,
 )
 from sandboxd.runtime import process, spawn
 from sandboxd.runtime.handoff import Handoffs
@@ -76,6 +75,7 @@ class Supervisor:
         self._nursery = nursery
         self.handoffs = Handoffs(self.detach, nursery, config.stall_seconds)
         self.shutting_down = False
+        self.upgrading = False  # a live upgrade is draining: nothing new starts
         self.commands_started = 0
         self._base_env = clean_environment(os.environ, frozen=getattr(sys, "frozen", False))
 
@@ -105,8 +105,9 @@ class Supervisor:
             if starting is None:
                 break
             await starting.wait()  # then look again: it may have failed to spawn
-        if self.shutting_down:
-            raise ServerShuttingDown("sandboxd is shutting down")
+        if self.shutting_down or self.upgrading:
+            what = "upgrading" if self.upgrading else "shutting down"
+            raise ServerShuttingDown(f"sandboxd is {what}")
         if len(self.sessions) + len(self._starting) >= self.config.max_sessions:
             raise TooManySessions(
                 f"{len(self.sessions)} sessions are live, the cap (--max-sessions) is reached"
@@ -147,6 +148,18 @@ class Supervisor:
             extra={"command_id": command_id, "pid": child.pid, "pty": child.pty, "via": via},
         )
         return live, True
+
+    @property
+    def spawning(self) -> bool:
+        """Whether a spawn is under way (in a worker thread)."""
+        return bool(self._starting)
+
+    def adopt(self, live: LiveSession) -> None:
+        """Take over a session the previous image ran (a live upgrade): its pid is
+        already registered with the reaper."""
+        self.sessions[live.command_id] = live
+        self._expired_ids.discard(live.command_id)
+        self._nursery.start_soon(self._supervise, live)
 
     def _spawn_request(self, msg: Execute, command_id: str) -> spawn.SpawnRequest:
         # The home may appear later (an upload creates it): look each time.
@@ -216,29 +229,8 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_timers, live)
-                if child.input_fd is not None:
-                    nursery.start_soon(live.write_stdin)
-                async with trio.open_nursery() as readers:
-                    # Each pump waits a bounded time for the EOF of children left behind.
-                    timing = (self.config.stall_seconds, self.config.drain_seconds)
-                    readers.start_soon(live.pump, Stream.STDOUT, child.output_fd, *timing)
-                    if child.error_fd is not None:
-                        readers.start_soon(live.pump, Stream.STDERR, child.error_fd, *timing)
-                    await live.reaped.wait()
-                assert live.status is not None
-                live.end_input()
-                live.ended_wall = time.time()
-                self.pool.retire(live.core.stdout)
-                self.pool.retire(live.core.stderr)
-                self.apply(live, live.core.finish(trio.current_time(), live.status))
-                log.info(
-                    "command finished",
-                    extra={
-                        "command_id": live.command_id,
-                        "exit_code": live.status.code,
-                        "reason": live.core.end_reason.value if live.core.end_reason else None,
-                    },
-                )
+                if live.core.state is SessionState.RUNNING:
+                    await self._run_command(live, nursery)
                 await live.expired.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -246,6 +238,33 @@ class Supervisor:
             if live.status is None:  # cancelled while running (daemon stopping)
                 self._kill_tree(child.pid, signal.SIGKILL, live.command_id)
             live.notify_changed()
+
+    async def _run_command(self, live: LiveSession, nursery: trio.Nursery) -> None:
+        """Pump a running command's output and stdin until it is reaped and drained,
+        then finish the session. (A session taken over from the previous image starts
+        here with the fds that were still open.)"""
+        if live.input_open:
+            nursery.start_soon(live.write_stdin)
+        async with trio.open_nursery() as readers:
+            # Each pump waits a bounded time for the EOF of children left behind.
+            timing = (self.config.stall_seconds, self.config.drain_seconds)
+            for stream, fd in list(live.open_fds.items()):
+                readers.start_soon(live.pump, stream, fd, *timing)
+            await live.reaped.wait()
+        assert live.status is not None
+        live.end_input()
+        live.ended_wall = time.time()
+        self.pool.retire(live.core.stdout)
+        self.pool.retire(live.core.stderr)
+        self.apply(live, live.core.finish(trio.current_time(), live.status))
+        log.info(
+            "command finished",
+            extra={
+                "command_id": live.command_id,
+                "exit_code": live.status.code,
+                "reason": live.core.end_reason.value if live.core.end_reason else None,
+            },
+        )
 
     def _drop(self, live: LiveSession) -> None:
         """Take the session out of the registry: its TTL ran out (new clients are then
