@@ -149,10 +149,20 @@ class Supervisor:
         )
         return live, True
 
-    @property
-    def spawning(self) -> bool:
-        """Whether a spawn is under way (in a worker thread)."""
-        return bool(self._starting)
+    def expired_keys(self) -> list[int]:
+        """The expired-id memory, for a live upgrade."""
+        return self._expired_ids.keys()
+
+    def restore_counts(self, keys: list[int], commands_started: int, orphans: int) -> None:
+        """Take over the expired-id memory and the counters of the previous image."""
+        self._expired_ids.restore(keys)
+        self.commands_started = commands_started
+        self.reaper.orphans_reaped = orphans
+
+    async def wait_no_spawns(self) -> None:
+        """Return once no spawn is under way (in a worker thread)."""
+        while self._starting:
+            await next(iter(self._starting.values())).wait()
 
     def adopt(self, live: LiveSession) -> None:
         """Take over a session the previous image ran (a live upgrade): its pid is
