@@ -60,6 +60,7 @@ class Frontend(Protocol):
     def resume_accepting(self) -> None: ...
     async def wait_drained(self, seconds: float) -> bool: ...
     async def close_for_upgrade(self, within: float) -> None: ...
+    async def reopen(self) -> None: ...
 
 
 @dataclass
@@ -154,7 +155,7 @@ class Upgrader:
     async def prepare(self, candidate: Sequence[str] | None = None) -> list[str]:
         """Check and drain; the candidate's argv (without ``--resume-fd``). Raises
         ``UpgradeRefused`` (then nothing changed)."""
-        if self._config.no_upgrade:
+        if not self._config.upgrade:
             raise UpgradeRefused("live upgrades are disabled (--no-upgrade)")
         if self._context is None:
             raise UpgradeRefused("this daemon runs inside another program: no live upgrade")
@@ -202,6 +203,7 @@ class Upgrader:
             self._undo()
             raise
         self._undo()
+        await self._frontend.reopen()
         record(self.status, "refused", reason)
 
     async def run(self, candidate: Sequence[str] | None = None) -> None:
