@@ -338,3 +338,70 @@ async def test_no_upgrade_refuses_both_triggers(daemon_env: pytest.MonkeyPatch) 
             await trio.sleep(0.5)
             health = await healthz(daemon.address)
             assert health["generation"] == 0
+
+
+async def test_a_sigterm_in_the_exec_window_ends_in_a_graceful_stop(
+    daemon_env: pytest.MonkeyPatch,
+) -> None:
+    daemon_env.setenv(FAULT, "exec-window-sleep=1.0")
+    with daemon_process("--stop-grace", "1") as daemon:
+        with trio.fail_after(60):
+            async with exec_socket(f"ws://{daemon.address}/execute/ws") as client:
+                await client.start(command="sleep 60")
+            daemon.process.send_signal(signal.SIGUSR2)
+            while not any(e.get("msg") == "upgrade exec" for e in daemon.logs):
+                await trio.sleep(0.02)
+            daemon.process.send_signal(signal.SIGTERM)  # blocked: pending across the exec
+            code = await trio.to_thread.run_sync(daemon.process.wait, 30)
+            assert code == 0
+    messages = [e.get("msg") for e in daemon.logs]
+    # the new image came up, then acted on the pending TERM: a graceful stop
+    assert messages.index("upgrade exec") < messages.index("upgrade") < messages.index("stopping")
+    assert "stopped" in messages
+
+
+@pytest.mark.parametrize("back", [True, False])
+async def test_kill_on_disconnect_waits_for_a_client_the_upgrade_closed(
+    daemon_env: pytest.MonkeyPatch, back: bool
+) -> None:
+    with daemon_process("--stop-grace", "1", "--upgrade-grace", "3") as daemon:
+        address = daemon.address
+        with trio.fail_after(60):
+            async with exec_socket(f"ws://{address}/execute/ws") as client:
+                started = await client.start(command="sleep 60", kill_on_disconnect=True)
+                daemon.process.send_signal(signal.SIGUSR2)
+                closed = await client.collect()
+            assert closed.close_code == 1001
+            await wait_generation(address, 1)
+            if back:
+                async with exec_socket(f"ws://{address}/execute/ws") as client:
+                    await client.send(type="reconnect", command_id=started["command_id"])
+                    await client.recv_until("started")
+                    await trio.sleep(3.5)  # past the grace, still attached: still running
+                    sessions = (await http_request(address, "GET", "/sessions")).json()
+                    assert sessions["sessions"][0]["state"] == "running"
+                    await client.send(type="kill")
+                    transcript = await client.collect()
+                assert transcript.terminal["reason"] == "killed"
+            else:
+                await trio.sleep(4)  # nobody came back within the 3 s grace
+                async with exec_socket(f"ws://{address}/execute/ws") as client:
+                    await client.send(type="reconnect", command_id=started["command_id"])
+                    transcript = await client.collect()
+                assert transcript.terminal["reason"] == "disconnect"
+
+
+async def test_the_upgrade_verb_returns_once_the_new_image_serves(
+    daemon_env: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+    import sys
+
+    with daemon_process("--stop-grace", "1") as daemon:
+        with trio.fail_after(60):
+            verb = [sys.executable, "-m", "sandboxd", "--url", f"http://{daemon.address}"]
+            done = await trio.to_thread.run_sync(
+                lambda: subprocess.run([*verb, "upgrade"], capture_output=True, text=True)
+            )
+            assert done.returncode == 0, done.stderr
+            assert (await healthz(daemon.address))["generation"] == 1

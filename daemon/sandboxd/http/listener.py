@@ -81,8 +81,8 @@ def client_broke_protocol(exc: BaseException) -> bool:
     return isinstance(exc, h11.ProtocolError | wsproto.utilities.ProtocolError)
 
 
-def _refusal(max_connections: int) -> bytes:
-    body = error_body(
+def _refusal(max_connections: int, body: bytes | None = None) -> bytes:
+    body = body or error_body(
         "TooManyConnections", f"sandboxd serves at most {max_connections} connections at once"
     )
     head = (
@@ -146,6 +146,9 @@ async def serve_http(
                         stream, head, key, prefix[end:], lean.target, lean.max_message
                     )
                     return
+            if control.closing:  # a live upgrade is about to exec: hypercorn is closing
+                await _refuse(stream, _UPGRADING)
+                return
             server = _TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
             server.prefix = prefix
             control.http_serving(1)
@@ -183,6 +186,10 @@ async def serve_http(
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
 
+#: The answer to a request that comes in while a live upgrade closes the connections.
+_UPGRADING = _refusal(0, error_body("ServerShuttingDown", "sandboxd is upgrading"))
+
+
 class AcceptControl:
     """Pauses and resumes accepting (a live upgrade), and counts the connections whose
     first request head is still being read."""
@@ -191,6 +198,7 @@ class AcceptControl:
         self.paused = False
         self.reading_heads = 0
         self.http_open = 0  # connections hypercorn serves
+        self.closing = False  # close_http was called
         self.context: WorkerContext | None = None
         self._changed = trio.Event()
         self._heads_read = trio.Event()
@@ -213,6 +221,7 @@ class AcceptControl:
     async def close_http(self) -> None:
         """Have hypercorn close its connections: idle keep-alive ones at once, busy ones
         once their response is out; return when none is left."""
+        self.closing = True
         if self.context is not None:
             await self.context.terminated.set()
         while self.http_open or self.reading_heads:
@@ -220,6 +229,7 @@ class AcceptControl:
 
     async def reopen_http(self) -> None:
         """Undo ``close_http`` (the upgrade was refused)."""
+        self.closing = False
         if self.context is not None:
             await self.context.terminated.clear()
 
