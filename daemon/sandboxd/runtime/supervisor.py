@@ -260,9 +260,9 @@ class Supervisor:
     async def get_or_create(self, msg: Execute, via: str = "ws") -> tuple[LiveSession, bool]:
         """The session under ``msg.command_id``, started now if unknown.
 
-        Two executes with one id never spawn twice: while one spawns (in a worker
-        thread, so the exec does not stall other clients), the other waits for it and
-        then attaches. Raises ``InvalidRequest``, ``SpawnFailed``, ``TooManySessions``.
+        Two executes with one id never spawn twice: while one spawns (as a ``user``, in
+        a worker thread), the other waits for it and then attaches. Raises
+        ``InvalidRequest``, ``SpawnFailed``, ``TooManySessions``.
         """
         validate_execute(msg)
         while msg.command_id is not None:
@@ -284,7 +284,7 @@ class Supervisor:
         try:
             since = self.reaper.sequence
             # Not abandoned on cancellation: the child is registered before anything else.
-            child = await trio.to_thread.run_sync(self._spawn, request)
+            child = await spawn.start(self._spawn, request)
         finally:
             del self._starting[command_id]
             starting.set()
