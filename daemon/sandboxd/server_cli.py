@@ -24,7 +24,7 @@ import trio
 from sandboxd import __version__
 from sandboxd.core.config import Config
 from sandboxd.endpoints.tunnel import PortPolicy
-from sandboxd.runtime.logs import setup_logging
+from sandboxd.runtime.logs import FlushBeforeWait, setup_logging
 from sandboxd.runtime.memory import limit_malloc_arenas
 from sandboxd.runtime.notify import Notifier, activated_socket
 from sandboxd.runtime.process import become_subreaper
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
         frozen = getattr(sys, "frozen", False)  # the single-file build is its own program
         os.execv(sys.executable, [sys.executable, *([] if frozen else ["-m", "sandboxd"]), *rest])
     config = parse_args(args, os.environ)
-    setup_logging(config.log_level)
+    log_handler = setup_logging(config.log_level)
     _ensure_standard_fds()
     os.chdir("/")  # commands get their own work dir; the daemon holds no directory
     for signo in JOB_CONTROL_SIGNALS:
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
     if os.getpid() != 1 and not become_subreaper():
         log.warning("cannot become a child subreaper; orphans go to the container's init")
     try:
-        trio.run(_main, config)
+        trio.run(_main, config, instruments=[FlushBeforeWait(log_handler)])
     except OSError as exc:
         log.error("cannot start", extra={"error": str(exc), "listen": config.listen})
         sys.exit(1)
