@@ -25,7 +25,7 @@ from sandboxd import __version__
 from sandboxd.core.config import Config
 from sandboxd.endpoints.tunnel import PortPolicy
 from sandboxd.runtime.logs import FlushBeforeWait, setup_logging
-from sandboxd.runtime.memory import limit_malloc_arenas
+from sandboxd.runtime.memory import limit_malloc_arenas, settle_gc
 from sandboxd.runtime.notify import Notifier, activated_socket
 from sandboxd.runtime.process import become_subreaper
 from sandboxd.service import Running, make_listen_socket, serve
@@ -189,6 +189,7 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
             extra={"listen": config.listen},
         )
     limit_malloc_arenas()
+    settle_gc()
     if os.getpid() != 1 and not become_subreaper():
         log.warning("cannot become a child subreaper; orphans go to the container's init")
     try:
