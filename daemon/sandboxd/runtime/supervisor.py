@@ -22,7 +22,7 @@ import psutil
 import trio
 
 from sandboxd.core.config import CHUNK_BYTES, Config
-from sandboxd.core.environment import clean_environment, with_identity
+from sandboxd.core.environment import clean_environment
 from sandboxd.core.errors import (
     CommandNotFound,
     ServerShuttingDown,
@@ -48,6 +48,7 @@ from sandboxd.runtime import process, spawn
 from sandboxd.runtime.drain import DrainClock
 from sandboxd.runtime.fdread import read_available
 from sandboxd.runtime.handoff import Handoffs
+from sandboxd.runtime.request import spawn_request
 
 log = logging.getLogger("sandboxd.supervisor")
 
@@ -279,7 +280,7 @@ class Supervisor:
                 f"{len(self.sessions)} sessions are live, the cap (--max-sessions) is reached"
             )
         command_id = msg.command_id or uuid.uuid4().hex
-        request = self._spawn_request(msg, command_id)
+        request = spawn_request(self.config, self._base_env, msg, command_id)
         self._starting[command_id] = starting = trio.Event()
         try:
             since = self.reaper.sequence
@@ -314,29 +315,6 @@ class Supervisor:
             extra={"command_id": command_id, "pid": child.pid, "pty": child.pty, "via": via},
         )
         return live, True
-
-    def _spawn_request(self, msg: Execute, command_id: str) -> spawn.SpawnRequest:
-        # The home may appear later (an upload creates it): look each time.
-        home = self.config.home if os.path.isdir(self.config.home) else "/"
-        env = dict(self._base_env)
-        run_config = msg.run_config
-        extra = (run_config.env_vars if run_config else msg.env) or {}
-        work_dir = (run_config.work_dir if run_config else msg.cwd) or home
-        if msg.pty:
-            env["TERM"] = self.config.term
-        env = with_identity(env, extra, home=home)  # HOME is --home, not the daemon's own
-        env[process.COMMAND_ID_VARIABLE] = command_id
-        return spawn.SpawnRequest(
-            argv=[msg.shell, "-c", msg.command],
-            env=env,
-            cwd=work_dir,
-            user=run_config.user if run_config else None,
-            request_env_names=frozenset(extra),
-            pty=msg.pty,
-            close_stdin=msg.close_stdin,
-            cols=msg.cols or self.config.pty_cols,
-            rows=msg.rows or self.config.pty_rows,
-        )
 
     # ---- clients --------------------------------------------------------------------
 
