@@ -112,6 +112,9 @@ class LiveSession:
         """
         attachment.waiting = True
         try:
+            if patience == math.inf:  # no cancel scope for a wait without a deadline
+                await self._changed.wait()
+                return True
             with trio.move_on_after(patience) as scope:
                 await self._changed.wait()
         finally:
@@ -360,7 +363,6 @@ class Supervisor:
         child = live.child
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._run_timers, live)
                 if child.input_fd is not None:
                     nursery.start_soon(live.write_stdin)
                 async with trio.open_nursery() as readers:
@@ -369,7 +371,7 @@ class Supervisor:
                     readers.start_soon(live.pump, Stream.STDOUT, child.output_fd, *timing)
                     if child.error_fd is not None:
                         readers.start_soon(live.pump, Stream.STDERR, child.error_fd, *timing)
-                    await live.reaped.wait()
+                    await self._run_timers(live, until=live.reaped)
                 assert live.status is not None
                 live.end_input()
                 live.ended_wall = time.time()
@@ -384,7 +386,7 @@ class Supervisor:
                         "reason": live.core.end_reason.value if live.core.end_reason else None,
                     },
                 )
-                await live.expired.wait()
+                await self._run_timers(live, until=live.expired)
                 nursery.cancel_scope.cancel()
         finally:
             self._drop(live)
@@ -407,15 +409,16 @@ class Supervisor:
             self.pool.release(live.core.stdout)
             self.pool.release(live.core.stderr)
 
-    async def _run_timers(self, live: LiveSession) -> None:
-        while True:
+    async def _run_timers(self, live: LiveSession, until: trio.Event) -> None:
+        """Carry out the session's timers until ``until`` is set (in the session's own
+        task: a task of their own cost one more per command)."""
+        while not until.is_set():
             with trio.CancelScope(deadline=live.core.next_deadline()) as scope:
                 live.timer_scope = scope
-                await trio.sleep_forever()
+                await until.wait()
             live.timer_scope = None
-            self.apply(live, live.core.on_timer(trio.current_time()))
-            if live.core.state is SessionState.EXPIRED:
-                return
+            if scope.cancelled_caught:
+                self.apply(live, live.core.on_timer(trio.current_time()))
 
     # ---- shutdown ---------------------------------------------------------------------
 
