@@ -89,14 +89,20 @@ def own_peak_rss_kib() -> int:
     whatever process spawned the daemon (a test runner, say), which is not what a
     vfork-spawned command inherits from the daemon.
     """
+    global _status_fd
     try:
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
+        if _status_fd is None:  # kept open: a pread per spawn, not an open and a close
+            _status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        status = os.pread(_status_fd, 8192, 0)
+        start = status.index(b"VmHWM:") + 6
+        return int(status[start : status.index(b"kB", start)])
+    except (OSError, ValueError):
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+#: ``/proc/self/status``, open for ``own_peak_rss_kib``.
+_status_fd: int | None = None
 
 
 def close_inherited_fds_on_exec() -> None:
