@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+from sandboxd.runtime import logs
 from sandboxd.runtime.logs import FlushBeforeWait, JsonFormatter, JsonLineHandler
 
 
@@ -117,3 +118,25 @@ def test_the_timestamp_is_rfc3339_utc_with_milliseconds(
     assert json.loads(JsonFormatter().format(record))["ts"] == "1970-01-02T00:00:01.250Z"
     logger.info("now")
     assert str(lines(stream)[0]["ts"]).endswith("Z")
+
+
+def test_a_busy_loop_holds_its_lines_for_at_most_hold_seconds(
+    logged: tuple[logging.Logger, JsonLineHandler, Recording], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logger, handler, stream = logged
+    now = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    instrument = FlushBeforeWait(handler)
+    handler.hold_on = threading.get_ident()
+    logger.info("one")
+    now[0] += logs.HOLD_SECONDS / 2
+    logger.info("two")
+    instrument.before_io_wait(0)  # tasks are runnable: the loop only polls
+    assert stream.writes == []
+    now[0] += logs.HOLD_SECONDS / 2  # the oldest line has waited long enough
+    instrument.before_io_wait(0)
+    assert [line["msg"] for line in lines(stream)] == ["one", "two"]
+    logger.info("three")
+    instrument.before_io_wait(0.5)  # the loop is about to sleep: written at once
+    assert [line["msg"] for line in lines(stream)] == ["one", "two", "three"]
+    assert len(stream.writes) == 2

@@ -6,9 +6,10 @@ with ``extra={...}`` are added as they are, and an exception as ``exc``.
 Logging is on every command's path (``command started``, ``command finished``), so it is
 kept cheap: records skip the caller lookup and the thread and process fields (the JSON
 shows none of them), and lines logged on the event loop's thread are held until the loop
-next waits for I/O (``FlushBeforeWait``), then written together: one write per turn of the
-loop rather than one per line. Lines from other threads, and all lines when no loop runs,
-are written at once; ``logging.shutdown`` (at exit) writes what is held.
+is about to sleep, or for at most ``HOLD_SECONDS`` while it stays busy
+(``FlushBeforeWait``), then written together: a busy daemon makes one write for many
+lines, not one per line. Lines from other threads, and all lines when no loop runs, are
+written at once; ``logging.shutdown`` (at exit) writes what is held.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "taskName",
 }
 _encoder = msgspec.json.Encoder(enc_hook=repr)  # anything unusual: its repr
+#: How long a busy loop holds its lines at most.
+HOLD_SECONDS = 0.05
 
 
 class JsonFormatter(logging.Formatter):
@@ -65,12 +68,15 @@ class JsonLineHandler(logging.StreamHandler[TextIO]):
         super().__init__(stream)
         self.hold_on: int | None = None
         self._held: list[str] = []
+        self.held_since = 0.0  # time.monotonic() of the oldest held line
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.hold_on is None or threading.get_ident() != self.hold_on:
             super().emit(record)
             return
         try:
+            if not self._held:
+                self.held_since = time.monotonic()
             self._held.append(self.format(record))
         except Exception:
             self.handleError(record)
@@ -99,7 +105,8 @@ _NO_LOCK = threading.Lock()
 
 class FlushBeforeWait(trio.abc.Instrument):
     """A trio instrument: holds the loop thread's log lines while the loop runs tasks,
-    and writes them each time it is about to wait for I/O, and when the run ends."""
+    and writes them when it is about to sleep (to wait for I/O with a timeout), when it
+    has held them for ``HOLD_SECONDS``, and when the run ends."""
 
     def __init__(self, handler: JsonLineHandler) -> None:
         self._handler = handler
@@ -108,7 +115,9 @@ class FlushBeforeWait(trio.abc.Instrument):
         self._handler.hold_on = threading.get_ident()
 
     def before_io_wait(self, timeout: float) -> None:
-        self._handler.write_held()
+        handler = self._handler
+        if timeout > 0 or time.monotonic() - handler.held_since >= HOLD_SECONDS:
+            handler.write_held()
 
     def after_run(self) -> None:
         self._handler.hold_on = None
