@@ -25,8 +25,8 @@ from sandboxd import __version__
 from sandboxd.core.config import Config
 from sandboxd.endpoints.tunnel import PortPolicy
 from sandboxd.runtime import reexec
-from sandboxd.runtime.logs import setup_logging
-from sandboxd.runtime.memory import limit_malloc_arenas
+from sandboxd.runtime.logs import FlushBeforeWait, setup_logging
+from sandboxd.runtime.memory import limit_malloc_arenas, settle_gc
 from sandboxd.runtime.notify import Notifier, activated_socket
 from sandboxd.runtime.process import become_subreaper
 from sandboxd.runtime.resume import Resumed, resume, verify
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
         frozen = getattr(sys, "frozen", False)  # the single-file build is its own program
         os.execv(sys.executable, [sys.executable, *([] if frozen else ["-m", "sandboxd"]), *rest])
     config = parse_args(args, os.environ)
-    setup_logging(config.log_level)
+    log_handler = setup_logging(config.log_level)
     resumed = None
     if "--resume-fd" in internal:  # a live upgrade's new image (or its rollback)
         fd = internal["--resume-fd"]
@@ -214,10 +214,11 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
             extra={"listen": config.listen},
         )
     limit_malloc_arenas()
+    settle_gc()
     if os.getpid() != 1 and not become_subreaper():
         log.warning("cannot become a child subreaper; orphans go to the container's init")
     try:
-        trio.run(_main, config, upgrade, resumed)
+        trio.run(_main, config, upgrade, resumed, instruments=[FlushBeforeWait(log_handler)])
     except OSError as exc:
         log.error("cannot start", extra={"error": str(exc), "listen": config.listen})
         sys.exit(1)

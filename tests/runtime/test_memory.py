@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import trio
 import trio.testing
@@ -28,3 +30,14 @@ async def test_the_heap_is_trimmed_every_interval_only_after_commands_ran(
         await trio.sleep(20)  # nothing new: none at 40, 50
         nursery.cancel_scope.cancel()
     assert trims == [30.0]
+
+
+def test_settle_gc_freezes_what_exists_and_collects_the_young_less_often() -> None:
+    threshold = gc.get_threshold()
+    try:
+        memory.settle_gc()
+        assert gc.get_freeze_count() > 0  # start-up's objects: out of every collection
+        assert gc.get_threshold() == (memory.GC_YOUNG_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

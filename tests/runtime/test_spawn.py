@@ -318,3 +318,15 @@ async def test_concurrent_spawns_for_two_users_never_cross_identities(
     }
     assert len(outputs) == 200 and wrong == {}
     assert (os.getresuid(), os.getresgid()) == ((0, 0, 0), (0, 0, 0))
+
+
+def test_own_peak_rss_is_vmhwm_of_this_process_on_every_call() -> None:
+    def vmhwm() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+    assert spawn.own_peak_rss_kib() == vmhwm()
+    grown = bytearray(64 * 1024 * 1024)  # touched: the high-water mark rises
+    grown[::4096] = b"x" * len(grown[::4096])
+    assert spawn.own_peak_rss_kib() == vmhwm() >= 64 * 1024  # the kept fd reads afresh
+    del grown

@@ -99,6 +99,9 @@ class LiveSession:
         """
         attachment.waiting = True
         try:
+            if patience == math.inf:  # no cancel scope for a wait without a deadline
+                await self._changed.wait()
+                return True
             with trio.move_on_after(patience) as scope:
                 await self._changed.wait()
         finally:

@@ -52,8 +52,8 @@ def exit_status(status: int, usage: object, spawner_peak_kib: int = 0) -> ExitSt
 class Reaper:
     """The one place that waits for children; see the module docstring.
 
-    Children are spawned in a worker thread (so an exec does not stall the event loop),
-    which means one can exit, and be reaped, before its pid is registered. The status
+    A child can exit, and be reaped, before its pid is registered (one spawned in a
+    worker thread, or reaped by a SIGCHLD handled in between). The status
     of an unclaimed pid is therefore kept for a while with the reaper's sequence number
     at the time; ``watch`` accepts it only if it was reaped after the spawn began, so a
     stale status of an orphan that once had the same pid is never handed out.

@@ -21,7 +21,7 @@ import psutil
 import trio
 
 from sandboxd.core.config import Config
-from sandboxd.core.environment import clean_environment, with_identity
+from sandboxd.core.environment import clean_environment
 from sandboxd.core.errors import (
     CommandNotFound,
     ServerShuttingDown,
@@ -43,6 +43,7 @@ from sandboxd.core.session import (
 from sandboxd.runtime import process, spawn
 from sandboxd.runtime.handoff import Handoffs
 from sandboxd.runtime.live import STDIN_BUFFER_CAP, LiveSession
+from sandboxd.runtime.request import spawn_request
 
 __all__ = ["STDIN_BUFFER_CAP", "LiveSession", "Supervisor"]
 
@@ -93,9 +94,9 @@ class Supervisor:
     async def get_or_create(self, msg: Execute, via: str = "ws") -> tuple[LiveSession, bool]:
         """The session under ``msg.command_id``, started now if unknown.
 
-        Two executes with one id never spawn twice: while one spawns (in a worker
-        thread, so the exec does not stall other clients), the other waits for it and
-        then attaches. Raises ``InvalidRequest``, ``SpawnFailed``, ``TooManySessions``.
+        Two executes with one id never spawn twice: while one spawns (as a ``user``, in
+        a worker thread), the other waits for it and then attaches. Raises
+        ``InvalidRequest``, ``SpawnFailed``, ``TooManySessions``.
         """
         validate_execute(msg)
         while msg.command_id is not None:
@@ -113,12 +114,12 @@ class Supervisor:
                 f"{len(self.sessions)} sessions are live, the cap (--max-sessions) is reached"
             )
         command_id = msg.command_id or uuid.uuid4().hex
-        request = self._spawn_request(msg, command_id)
+        request = spawn_request(self.config, self._base_env, msg, command_id)
         self._starting[command_id] = starting = trio.Event()
         try:
             since = self.reaper.sequence
             # Not abandoned on cancellation: the child is registered before anything else.
-            child = await trio.to_thread.run_sync(self._spawn, request)
+            child = await spawn.start(self._spawn, request)
         finally:
             del self._starting[command_id]
             starting.set()
@@ -160,7 +161,7 @@ class Supervisor:
         self.reaper.orphans_reaped = orphans
 
     async def wait_no_spawns(self) -> None:
-        """Return once no spawn is under way (in a worker thread)."""
+        """Return once no spawn is under way (as a ``user``, in a worker thread)."""
         while self._starting:
             await next(iter(self._starting.values())).wait()
 
@@ -170,29 +171,6 @@ class Supervisor:
         self.sessions[live.command_id] = live
         self._expired_ids.discard(live.command_id)
         self._nursery.start_soon(self._supervise, live)
-
-    def _spawn_request(self, msg: Execute, command_id: str) -> spawn.SpawnRequest:
-        # The home may appear later (an upload creates it): look each time.
-        home = self.config.home if os.path.isdir(self.config.home) else "/"
-        env = dict(self._base_env)
-        run_config = msg.run_config
-        extra = (run_config.env_vars if run_config else msg.env) or {}
-        work_dir = (run_config.work_dir if run_config else msg.cwd) or home
-        if msg.pty:
-            env["TERM"] = self.config.term
-        env = with_identity(env, extra, home=home)  # HOME is --home, not the daemon's own
-        env[process.COMMAND_ID_VARIABLE] = command_id
-        return spawn.SpawnRequest(
-            argv=[msg.shell, "-c", msg.command],
-            env=env,
-            cwd=work_dir,
-            user=run_config.user if run_config else None,
-            request_env_names=frozenset(extra),
-            pty=msg.pty,
-            close_stdin=msg.close_stdin,
-            cols=msg.cols or self.config.pty_cols,
-            rows=msg.rows or self.config.pty_rows,
-        )
 
     # ---- clients --------------------------------------------------------------------
 
@@ -238,10 +216,9 @@ class Supervisor:
         child = live.child
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._run_timers, live)
                 if live.core.state is SessionState.RUNNING:
                     await self._run_command(live, nursery)
-                await live.expired.wait()
+                await self._run_timers(live, until=live.expired)
                 nursery.cancel_scope.cancel()
         finally:
             self._drop(live)
@@ -260,7 +237,7 @@ class Supervisor:
             timing = (self.config.stall_seconds, self.config.drain_seconds)
             for stream, fd in list(live.open_fds.items()):
                 readers.start_soon(live.pump, stream, fd, *timing)
-            await live.reaped.wait()
+            await self._run_timers(live, until=live.reaped)
         assert live.status is not None
         live.end_input()
         live.ended_wall = time.time()
@@ -292,15 +269,16 @@ class Supervisor:
             self.pool.release(live.core.stdout)
             self.pool.release(live.core.stderr)
 
-    async def _run_timers(self, live: LiveSession) -> None:
-        while True:
+    async def _run_timers(self, live: LiveSession, until: trio.Event) -> None:
+        """Carry out the session's timers until ``until`` is set (in the session's own
+        task: a task of their own cost one more per command)."""
+        while not until.is_set():
             with trio.CancelScope(deadline=live.core.next_deadline()) as scope:
                 live.timer_scope = scope
-                await trio.sleep_forever()
+                await until.wait()
             live.timer_scope = None
-            self.apply(live, live.core.on_timer(trio.current_time()))
-            if live.core.state is SessionState.EXPIRED:
-                return
+            if scope.cancelled_caught:
+                self.apply(live, live.core.on_timer(trio.current_time()))
 
     # ---- shutdown ---------------------------------------------------------------------
 
