@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -540,3 +543,174 @@ async def replay(ws_url: str, command_id: str) -> tuple[dict[str, StreamDigest],
                 return streams, None
             else:
                 assert frame["type"] == "started", frame  # a gap: the ring lost bytes
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import trio
+    from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
+
+    return (OSError, trio.BrokenResourceError, ConnectionClosed, ConnectionRejected, HandshakeError)
+
+
+_CONNECTION_ERRORS = _connection_errors()
+
+
+@dataclass
+class Follower:
+    """A raw client that runs one command and follows it to its end, reattaching at once
+    by ``command_id`` at its offsets whenever the daemon closes the socket (as the TS SDK
+    does on 1001); ``closes`` lists the close codes it saw before the end."""
+
+    ws_url: str
+    command: Command
+    fields: dict[str, Any] = field(default_factory=dict)
+    streams: dict[str, StreamDigest] = field(
+        default_factory=lambda: {"stdout": StreamDigest(), "stderr": StreamDigest()}
+    )
+    command_id: str | None = None
+    pid: int | None = None
+    closes: list[int | None] = field(default_factory=list)
+    terminal: dict[str, Any] | None = None
+    reattach_failures: int = 0
+    started_at: float = 0.0  # time.monotonic() when ``started`` first arrived
+    ended_at: float = 0.0  # and when the terminal frame did
+
+    async def run(self, task_status: Any = None) -> None:
+        """Follow the command; ``task_status.started()`` once it got ``started``."""
+        import trio
+        from trio_websocket import ConnectionClosed
+
+        from tests.helpers import exec_socket
+
+        offsets = {"stdout": 0, "stderr": 0}
+        while self.terminal is None:
+            try:
+                async with exec_socket(self.ws_url) as client:
+                    if self.command_id is None:
+                        frame = {"command": self.command.command, "pty": self.command.pty}
+                        await client.send(type="execute", **frame, **self.fields)
+                    else:
+                        await client.send(
+                            type="reconnect",
+                            command_id=self.command_id,
+                            stdout_offset=offsets["stdout"],
+                            stderr_offset=offsets["stderr"],
+                        )
+                    try:
+                        while True:
+                            frame = await client.recv()
+                            client.transcript.frames.clear()
+                            kind = frame["type"]
+                            if kind == "started":
+                                first = self.command_id is None
+                                self.command_id, self.pid = frame["command_id"], frame["pid"]
+                                self.reattach_failures = 0
+                                if first:
+                                    self.started_at = time.monotonic()
+                                if first and task_status is not None:
+                                    task_status.started()
+                            elif kind in offsets:
+                                assert frame["offset"] == offsets[kind], (kind, frame, offsets)
+                                data = frame["data"].encode()
+                                offsets[kind] += len(data)
+                                self.streams[kind].update(data)
+                            elif kind in ("exit", "error"):
+                                self.ended_at = time.monotonic()
+                                self.terminal = frame
+                                return
+                            else:
+                                raise AssertionError(f"unexpected frame {frame}")
+                    except ConnectionClosed as closed:
+                        self.closes.append(closed.reason.code)
+            except (OSError, trio.BrokenResourceError, BaseExceptionGroup) as error:
+                # refused, reset, or a 503 before the 101: try again shortly
+                if isinstance(error, BaseExceptionGroup):
+                    _, rest = error.split(_CONNECTION_ERRORS)
+                    if rest is not None:
+                        raise
+                self.reattach_failures += 1
+                assert self.reattach_failures < 200, f"cannot reattach: {error!r}"
+                await trio.sleep(0.05)
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.terminal is None or self.terminal["type"] != "exit":
+            return None
+        return int(self.terminal["exit_code"])
+
+
+# ---- a second single-file build without PyInstaller -----------------------------------------
+
+_COOKIE = struct.Struct("!8sIIII64s")
+_TOC_ENTRY = struct.Struct("!IIIIBc")
+
+
+def _with_entry_script(pkg: bytes, source: str) -> bytes:
+    """PyInstaller's CArchive ``pkg`` with its ``entry`` script replaced by ``source``
+    (the layout: PyInstaller/archive/readers.py; entries' data, the TOC, the cookie)."""
+    magic, length, toc_offset, toc_length, pyvers, pylib = _COOKIE.unpack(pkg[-_COOKIE.size :])
+    start = len(pkg) - length
+    toc = pkg[start + toc_offset : start + toc_offset + toc_length]
+    entries = []
+    at = 0
+    while at < len(toc):
+        size, offset, stored, full, compressed, kind = _TOC_ENTRY.unpack_from(toc, at)
+        name = toc[at + _TOC_ENTRY.size : at + size].rstrip(b"\0")
+        data = pkg[start + offset : start + offset + stored]
+        if name == b"entry":
+            raw = marshal.dumps(compile(source, "entry.py", "exec"))
+            data, full, compressed = zlib.compress(raw, 9), len(raw), 1
+        entries.append((name, data, full, compressed, kind))
+        at += size
+    out = bytearray()
+    rows = []
+    for name, data, full, compressed, kind in entries:
+        rows.append((len(out), len(data), full, compressed, kind, name))
+        out += data
+    new_toc = bytearray()
+    for offset, stored, full, compressed, kind, name in rows:
+        padded = len(name) + 1
+        padded += -(_TOC_ENTRY.size + padded) % 16
+        new_toc += _TOC_ENTRY.pack(_TOC_ENTRY.size + padded, offset, stored, full, compressed, kind)
+        new_toc += name.ljust(padded, b"\0")
+    toc_at = len(out)
+    out += new_toc
+    total = len(out) + _COOKIE.size
+    out += _COOKIE.pack(magic, total, toc_at, len(new_toc), pyvers, pylib)
+    return bytes(out)
+
+
+def rebranded_artifact(onedir: Path, launcher: Path, version: str, work: Path) -> Path:
+    """A single-file build like ``make dist``'s, whose sandboxd reports ``version``: the
+    one-folder build is copied, its program's entry script (in the ELF section ``pydata``,
+    PyInstaller's CArchive) is replaced by one that sets ``sandboxd.__version__`` first,
+    and packaging/pack.py packs it (no PyInstaller run)."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    copy = work / "onedir"
+    shutil.copytree(onedir, copy, symlinks=True)
+    program = copy / "sandboxd"
+    section = work / "pydata"
+    subprocess.run(
+        ["objcopy", "--dump-section", f"pydata={section}", str(program), str(work / "scratch")],
+        check=True,
+    )
+    source = (
+        "import sandboxd\n"
+        f"sandboxd.__version__ = {version!r}\n"
+        "from sandboxd.cli import main\n"
+        "main()\n"
+    )
+    section.write_bytes(_with_entry_script(section.read_bytes(), source))
+    subprocess.run(["objcopy", "--update-section", f"pydata={section}", str(program)], check=True)
+    spec = importlib.util.spec_from_file_location(
+        "pack", Path(__file__).parents[1] / "packaging" / "pack.py"
+    )
+    assert spec is not None and spec.loader is not None
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    artifact = work / f"sandboxd-{version}"
+    pack.pack(launcher, copy, artifact)
+    return artifact
