@@ -62,4 +62,27 @@ async function one(spec) {
   );
 }
 
-await Promise.all(JSON.parse(specText).map(one));
+// `node upgrade.mjs <url> runs <stop-file>`: sandbox.run() back to back until the file
+// exists, one {"event":"run","i","ok","ms","error"} line each (ok: exact output and code).
+async function runs(stopFile) {
+  const { existsSync } = await import("node:fs");
+  for (let i = 0; !existsSync(stopFile); i++) {
+    const t0 = Date.now();
+    let ok = false;
+    let error = null;
+    try {
+      const r = await sandbox.run(`echo ts${i}; echo e${i} >&2; exit ${i % 7}`, { timeout: 60 });
+      ok = r.stdout === `ts${i}\n` && r.stderr === `e${i}\n` && r.exit_code === i % 7;
+      if (!ok) error = JSON.stringify(r);
+    } catch (e) {
+      error = `${e.name}: ${e.message}`;
+    }
+    process.stdout.write(JSON.stringify({ event: "run", i, ok, ms: Date.now() - t0, error }) + "\n");
+  }
+}
+
+if (specText === "runs") {
+  await runs(process.argv[4]);
+} else {
+  await Promise.all(JSON.parse(specText).map(one));
+}
