@@ -37,6 +37,9 @@ def test_every_workload_runs_and_verifies_in_quick_mode() -> None:
         "replay 8 MiB: complete",
         "fast client, 1 KB/s client on the same command",
         "fast client, 1 KB/s client on the other command",
+        "upgrade (5): trigger -> new image accepting p99",
+        "upgrade (5): stream gap, client side p50",
+        "upgrade (5): lost or duplicated bytes: 0",
     ):
         assert workload in table, table
     if shutil.which("websocketd"):
