@@ -24,10 +24,13 @@ import trio
 from sandboxd import __version__
 from sandboxd.core.config import Config
 from sandboxd.endpoints.tunnel import PortPolicy
+from sandboxd.runtime import reexec
 from sandboxd.runtime.logs import setup_logging
 from sandboxd.runtime.memory import limit_malloc_arenas
 from sandboxd.runtime.notify import Notifier, activated_socket
 from sandboxd.runtime.process import become_subreaper
+from sandboxd.runtime.resume import Resumed, resume, verify
+from sandboxd.runtime.upgrade import UpgradeContext
 from sandboxd.service import Running, make_listen_socket, serve
 
 log = logging.getLogger("sandboxd")
@@ -122,14 +125,28 @@ def _ensure_standard_fds() -> None:
 STOP_OVERRUN_SECONDS = 10.0
 
 
-async def _main(config: Config) -> None:
-    sock = activated_socket(os.environ) or make_listen_socket(config)
+async def _main(
+    config: Config, upgrade: UpgradeContext | None = None, resumed: Resumed | None = None
+) -> None:
+    sock = resumed.sock if resumed is not None and resumed.sock is not None else None
+    sock = sock or activated_socket(os.environ) or make_listen_socket(config)
     notifier = Notifier(os.environ)
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR2) as signals:
         async with trio.open_nursery() as nursery:
-            running: Running = await nursery.start(partial(serve, config, sock, notifier=notifier))
+            running: Running = await nursery.start(
+                partial(serve, config, sock, notifier=notifier, upgrade=upgrade, resumed=resumed)
+            )
+            # Every handler is in place (the reaper's too): signals kept pending across a
+            # live upgrade's exec are delivered now, a SIGTERM then stops gracefully.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, reexec.SWAP_SIGNALS)
             async for signo in signals:
                 log.info("signal received", extra={"signal": signal.Signals(signo).name})
+                if signo == signal.SIGUSR2:
+                    if config.no_upgrade:
+                        log.info("SIGUSR2 ignored: live upgrades are disabled (--no-upgrade)")
+                    elif running.upgrader is not None:
+                        nursery.start_soon(running.upgrader.run)
+                    continue
                 running.stop.set()
                 break
             with trio.move_on_after(config.stop_grace + STOP_OVERRUN_SECONDS):
@@ -166,6 +183,9 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
     ``may_reexec`` (default: when ``argv`` is this process's own).
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    args, internal = reexec.strip_internal(args)
+    if "--verify-state-fd" in internal:  # a candidate's pre-flight check
+        sys.exit(verify(int(internal["--verify-state-fd"])))
     rest, token = _token_out_of_argv(args)
     if may_reexec is None:
         may_reexec = argv is None
@@ -177,6 +197,11 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
         os.execv(sys.executable, [sys.executable, *([] if frozen else ["-m", "sandboxd"]), *rest])
     config = parse_args(args, os.environ)
     setup_logging(config.log_level)
+    resumed = None
+    if "--resume-fd" in internal:  # a live upgrade's new image (or its rollback)
+        fd = internal["--resume-fd"]
+        resumed = resume(int(fd) if fd.isdigit() else -1, internal.get("--rollback-of"))
+    upgrade = UpgradeContext(daemon_args=rest) if may_reexec else None
     _ensure_standard_fds()
     os.chdir("/")  # commands get their own work dir; the daemon holds no directory
     for signo in JOB_CONTROL_SIGNALS:
@@ -192,7 +217,7 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
     if os.getpid() != 1 and not become_subreaper():
         log.warning("cannot become a child subreaper; orphans go to the container's init")
     try:
-        trio.run(_main, config)
+        trio.run(_main, config, upgrade, resumed)
     except OSError as exc:
         log.error("cannot start", extra={"error": str(exc), "listen": config.listen})
         sys.exit(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 import trio
@@ -16,10 +17,12 @@ from hypercorn.config import Config as HypercornConfig
 from sandboxd.core.config import Config
 from sandboxd.http import wsoptions
 from sandboxd.http.app import App
-from sandboxd.http.listener import LeanOptions, serve_http
-from sandboxd.runtime import memory, process, spawn
+from sandboxd.http.listener import AcceptControl, LeanOptions, serve_http
+from sandboxd.runtime import carried, memory, process, spawn
 from sandboxd.runtime.notify import Notifier
+from sandboxd.runtime.resume import Resumed
 from sandboxd.runtime.supervisor import Supervisor
+from sandboxd.runtime.upgrade import UpgradeContext, Upgrader, UpgradeStatus, log_upgrade
 
 log = logging.getLogger("sandboxd")
 
@@ -53,6 +56,34 @@ class Running:
     supervisor: Supervisor
     stop: trio.Event
     done: trio.Event
+    upgrader: Upgrader | None = None
+
+
+class _Frontend:
+    """The HTTP side as a live upgrade drives it."""
+
+    def __init__(self, app: App, control: AcceptControl) -> None:
+        self._app = app
+        self._control = control
+
+    def pause_accepting(self) -> None:
+        self._control.pause()
+
+    def resume_accepting(self) -> None:
+        self._app.sse.resume_serving()
+        self._control.resume()
+
+    async def wait_drained(self, seconds: float) -> bool:
+        drained = await self._app.wait_drained(seconds)
+        # Connections accepted before the pause get a moment to send their request
+        # head (then they are answered 503, and retried); a silent one does not hold
+        # the upgrade up.
+        with trio.move_on_after(min(seconds, 1.0)):
+            await self._control.wait_heads_read()
+        return drained
+
+    async def close_for_upgrade(self, within: float) -> None:
+        await self._app.close_for_upgrade(within)
 
 
 def _hypercorn_config(config: Config) -> HypercornConfig:
@@ -72,6 +103,8 @@ async def serve(
     sock: socket.socket,
     *,
     notifier: Notifier | None = None,
+    upgrade: UpgradeContext | None = None,
+    resumed: Resumed | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``Running.stop`` is set, then stop gracefully.
@@ -79,6 +112,10 @@ async def serve(
     A graceful stop refuses new upgrades (503), SIGTERMs every command, SIGKILLs what is
     left after ``config.stop_grace``, lets attached clients receive their commands'
     last output and exit, and closes what is still open with 1001.
+
+    ``upgrade`` enables live upgrades (the daemon's own process, started by
+    ``server_cli``); ``resumed`` is the state the previous image handed over: its
+    sessions are adopted, and their pids registered, before the reaper's first pass.
     """
     wsoptions.set_compression(config.ws_compression)
     wsoptions.harden_message_buffer()
@@ -86,11 +123,34 @@ async def serve(
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     reaper = process.Reaper()
+    status = UpgradeStatus()
+    if resumed is not None:
+        status.generation, status.last = resumed.generation, resumed.last
     async with trio.open_nursery() as nursery:
-        await nursery.start(reaper.run)
         async with trio.open_nursery() as sessions_nursery:
             supervisor = Supervisor(config, reaper, sessions_nursery)
+            state = resumed.state if resumed is not None else None
+            if state is not None:
+                swap = (time.monotonic_ns() - state.snapshot_monotonic_ns) / 1e9
+                now = trio.current_time() - max(0.0, swap)  # the swap counts as time passed
+                for live in carried.rebuild(supervisor, state.sessions, now):
+                    supervisor.adopt(live)
+                supervisor.restore_counts(
+                    state.expired_keys, state.commands_started, state.orphans_reaped
+                )
+            await nursery.start(reaper.run)  # the first reap pass: every pid has its owner
             app = App(supervisor, config, port)
+            control = AcceptControl()
+            upgrader = Upgrader(
+                config,
+                supervisor,
+                _Frontend(app, control),
+                sock.fileno(),
+                status,
+                upgrade,
+                notifier,
+            )
+            app.upgrade_status, app.upgrader, app.background = status, upgrader, nursery
             stop = trio.Event()
             server_stopped = trio.Event()
             server_done = trio.Event()
@@ -104,6 +164,7 @@ async def serve(
                         server_stopped,
                         max_connections=config.max_connections,
                         lean=LeanOptions(app, config.ws_max_message_bytes, config.ws_compression),
+                        control=control,
                         task_status=task_status,
                     )
                 finally:
@@ -111,11 +172,27 @@ async def serve(
 
             await nursery.start(run_server)
             nursery.start_soon(memory.keep_trimmed, lambda: supervisor.commands_started)
+            if state is not None and status.last is not None:
+                swap_ms = (time.monotonic_ns() - state.snapshot_monotonic_ns) / 1e6
+                status.last.swap_ms = round(swap_ms, 3)
+                log_upgrade(status)
+                log.info(
+                    "upgrade timing",
+                    extra={
+                        "trigger_to_accepting_ms": round(
+                            (time.monotonic_ns() - state.trigger_monotonic_ns) / 1e6, 3
+                        ),
+                        "snapshot_to_accepting_ms": round(swap_ms, 3),
+                        "sessions": len(state.sessions),
+                    },
+                )
+            elif status.last is not None:
+                log_upgrade(status)
             log.info("listening", extra={"address": address})
             if notifier is not None:
                 notifier.send("READY=1", f"STATUS=listening on {address}")
                 nursery.start_soon(notifier.keep_watchdog)
-            running = Running(address, app, supervisor, stop, trio.Event())
+            running = Running(address, app, supervisor, stop, trio.Event(), upgrader)
             task_status.started(running)
             await stop.wait()
             log.info("stopping", extra={"sessions": len(supervisor.sessions)})

@@ -453,3 +453,45 @@ def test_a_watcher_dropped_lingers_at_what_it_acknowledged() -> None:
     s.detach(w, 100.0)
     assert s.lingering == [w]
     assert not s.may_read(Stream.STDOUT, 101.0, 1)  # 800 ahead of its attach offset
+
+
+# ---- the grace after a live upgrade ------------------------------------------------------
+
+
+def test_clients_closed_by_an_upgrade_do_not_kill_on_disconnect_within_the_grace() -> None:
+    s = make(kill_on_disconnect=True, timeout_seconds=0, idle_timeout_seconds=0)
+    a = s.attach(100.0)
+    s.begin_grace(110.0, 30.0)
+    assert s.detach(a, 110.0) == []
+    assert s.next_deadline() == 140.0
+    assert s.on_timer(139.0) == []
+    b = s.attach(120.0)  # it came back: the normal rules again
+    assert s.grace_until is None
+    assert s.detach(b, 150.0) == [KillTree(EndReason.DISCONNECT)]
+
+
+def test_a_grace_nobody_returns_within_ends_as_a_disconnect_at_its_end() -> None:
+    s = make(kill_on_disconnect=True, timeout_seconds=0, idle_timeout_seconds=0)
+    a = s.attach(100.0)
+    s.begin_grace(110.0, 30.0)
+    s.detach(a, 110.0)
+    assert s.on_timer(140.0) == [KillTree(EndReason.DISCONNECT)]
+
+
+def test_the_idle_clock_starts_only_when_the_grace_runs_out() -> None:
+    s = make(timeout_seconds=0, idle_timeout_seconds=20)
+    a = s.attach(100.0)
+    s.begin_grace(110.0, 30.0)
+    s.detach(a, 110.0)
+    assert s.idle_since is None
+    assert s.next_deadline() == 140.0
+    assert s.on_timer(140.0) == []
+    assert s.idle_since == 140.0
+    assert s.next_deadline() == 160.0
+    assert s.on_timer(160.0) == [KillTree(EndReason.IDLE)]
+
+
+def test_a_session_without_clients_gets_no_grace() -> None:
+    s = make(kill_on_disconnect=True)
+    s.begin_grace(110.0, 30.0)
+    assert s.grace_until is None

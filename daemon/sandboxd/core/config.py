@@ -120,6 +120,26 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         bool, _doc("accept permessage-deflate when a client offers it (costs CPU)")
     ] = False
 
+    no_upgrade: Annotated[bool, _doc("refuse live upgrades (SIGUSR2 and POST /admin/upgrade)")] = (
+        False
+    )
+    upgrade_grace: Annotated[
+        float,
+        msgspec.Meta(ge=0),
+        _doc(
+            "after a live upgrade, seconds a session's clients have to come back before "
+            "kill_on_disconnect and the idle clock treat them as gone"
+        ),
+    ] = 30.0
+    upgrade_drain_seconds: Annotated[
+        float,
+        msgspec.Meta(ge=0),
+        _doc(
+            "seconds in-flight HTTP requests (upload, download, search, POST /execute) "
+            "may take to finish before a live upgrade is refused"
+        ),
+    ] = 10.0
+
     def listen_host_port(self) -> tuple[str, int]:
         """Split ``listen`` into host and port; raises ``ValueError`` when malformed."""
         host, sep, port = self.listen.rpartition(":")

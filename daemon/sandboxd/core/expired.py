@@ -46,3 +46,16 @@ class ExpiredIds:
         """Forget ``command_id`` (a new session took the id). Its FIFO slot stays until it
         reaches the front, where removing it again is harmless."""
         self._keys.discard(_key(command_id))
+
+    def keys(self) -> list[int]:
+        """The remembered ids' hashes, oldest first (what a live upgrade carries)."""
+        return [key for key in self._order if key in self._keys]
+
+    def restore(self, keys: list[int]) -> None:
+        """Remember these hashes (from ``keys``), oldest first."""
+        for key in keys:
+            if key not in self._keys:
+                self._keys.add(key)
+                self._order.append(key)
+        while len(self._order) > self.capacity:
+            self._keys.discard(self._order.popleft())

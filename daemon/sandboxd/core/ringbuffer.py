@@ -83,6 +83,19 @@ class RingBuffer:
             self._pool.shrank(freed)
         return freed
 
+    def retained(self) -> list[bytes]:
+        """The retained chunks, oldest first (each a whole sanitised read)."""
+        return self._chunks[self._head :]
+
+    def restore(self, start: int, chunks: list[bytes]) -> None:
+        """Refill a new, empty ring: its oldest retained byte is ``start``; raises
+        ``ValueError`` on a ring that already holds output."""
+        if self.end or self._chunks:
+            raise ValueError("restore into a ring that is not new")
+        self.end = start
+        for chunk in chunks:
+            self.append(chunk)
+
     def clear(self) -> None:
         """Drop everything retained (the session is gone)."""
         while self.evict_oldest():

@@ -22,6 +22,10 @@ the supervisor carries out. The rules:
   are allowed). ``logs``, ``ps``, ``kill`` and read-only attaches watch.
 * ``ttl_seconds`` >= 0 keeps a finished session that long after it finished (0: it goes at
   once, though clients already attached still read it to the end); -1 keeps it forever.
+* After a live upgrade closed its clients (``begin_grace``), a session is in a *grace*:
+  its clients leaving neither starts the idle clock nor triggers ``kill_on_disconnect``.
+  A client attaching ends the grace (the normal rules apply from then on); if none came
+  back when it runs out, the last client is taken to have left then.
 * A kill asked for while one is already under way changes nothing: the first reason is
   the one reported.
 
@@ -170,6 +174,7 @@ class Session:
     status: ExitStatus | None = None
     end_reason: EndReason | None = None
     ended_at: float | None = None
+    grace_until: float | None = None
 
     def __post_init__(self) -> None:
         if self.idle_since is None:
@@ -213,6 +218,7 @@ class Session:
         else:
             self.attachments.append(attachment)
             self.idle_since = None
+            self.grace_until = None
         return attachment
 
     def detach(self, attachment: Attachment, now: float) -> list[Effect]:
@@ -232,12 +238,18 @@ class Session:
                 attachment.last_progress = now
                 self._forget_lingering(now)
                 self.lingering.append(attachment)
-        if attachment.watch or self.attachments:
+        if attachment.watch or self.attachments or self.grace_until is not None:
             return []
         self.idle_since = now
         if self.lifetimes.kill_on_disconnect:
             return self.request_kill(EndReason.DISCONNECT)
         return []
+
+    def begin_grace(self, now: float, seconds: float) -> None:
+        """A live upgrade is about to close this session's clients: they have ``seconds``
+        to come back before leaving counts (see the module docstring)."""
+        if self.state is SessionState.RUNNING and self.attachments:
+            self.grace_until = now + seconds
 
     def _forget_lingering(self, now: float) -> None:
         """Drop the cursors of clients gone ``stall_seconds`` or more."""
@@ -310,6 +322,8 @@ class Session:
                 deadline = self.started_at + lt.timeout_seconds
             if lt.idle_timeout_seconds > 0 and self.idle_since is not None:
                 deadline = min(deadline, self.idle_since + lt.idle_timeout_seconds)
+            if self.grace_until is not None:
+                deadline = min(deadline, self.grace_until)
             return deadline
         if self.state is SessionState.FINISHED and lt.ttl_seconds >= 0:
             assert self.ended_at is not None
@@ -322,6 +336,12 @@ class Session:
         if self.state is SessionState.RUNNING and self.kill_reason is None:
             if lt.timeout_seconds > 0 and now >= self.started_at + lt.timeout_seconds:
                 return self.request_kill(EndReason.TIMEOUT)
+            if self.grace_until is not None and now >= self.grace_until:
+                ended, self.grace_until = self.grace_until, None
+                if not self.attachments:  # nobody came back: the client left at its end
+                    self.idle_since = ended
+                    if lt.kill_on_disconnect:
+                        return self.request_kill(EndReason.DISCONNECT)
             idle = lt.idle_timeout_seconds
             if idle > 0 and self.idle_since is not None and now >= self.idle_since + idle:
                 return self.request_kill(EndReason.IDLE)

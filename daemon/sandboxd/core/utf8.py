@@ -28,3 +28,11 @@ class Utf8Sanitizer:
     def finish(self) -> bytes:
         """End of stream: a held-back incomplete character becomes U+FFFD."""
         return self._decoder.decode(b"", final=True).encode()
+
+    def held(self) -> bytes:
+        """The 0-3 bytes of a split character held back (what a live upgrade carries)."""
+        return self._decoder.getstate()[0]
+
+    def hold(self, carry: bytes) -> None:
+        """Start with ``carry`` held back, as ``held`` returned it in another process."""
+        self._decoder.setstate((carry, 0))

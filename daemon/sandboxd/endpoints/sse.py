@@ -108,6 +108,22 @@ class SseEndpoints:
     def __init__(self, supervisor: Supervisor, ack_bytes: int) -> None:
         self._supervisor = supervisor
         self._ack_bytes = ack_bytes
+        self._ending = False  # a live upgrade: every stream ends with ack_required
+        self._streaming: list[LiveSession] = []
+        self._none_streaming = trio.Event()
+        self._none_streaming.set()
+
+    async def end_for_upgrade(self) -> None:
+        """End every response with ``ack_required`` at its client's offsets (the Python
+        client resumes at once, and the next image serves the resume)."""
+        self._ending = True
+        for live in list(self._streaming):
+            live.notify_changed()
+        await self._none_streaming.wait()
+
+    def resume_serving(self) -> None:
+        """The upgrade was refused: stream as before."""
+        self._ending = False
 
     async def start(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /execute/stream/start``: get-or-create, then stream from offset 0."""
@@ -142,6 +158,8 @@ class SseEndpoints:
         self, receive: Receive, send: Send, live: LiveSession, attachment: Attachment
     ) -> None:
         acked = False
+        self._streaming.append(live)
+        self._none_streaming = trio.Event()
         try:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
@@ -150,6 +168,9 @@ class SseEndpoints:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     nursery.cancel_scope.cancel()
         finally:
+            self._streaming.remove(live)
+            if not self._streaming:
+                self._none_streaming.set()
             if acked:  # the client resumes at once
                 self._supervisor.handoffs.hand_over(live, attachment)
             else:
@@ -186,7 +207,7 @@ class SseEndpoints:
                 if result.data or result.gap:
                     live.delivered(attachment, stream, result)
             finished = core.finished_for(attachment)
-            if delivered >= self._ack_bytes and not finished:
+            if (delivered >= self._ack_bytes or self._ending) and not finished:
                 offsets = {
                     "stdout_offset": attachment.stdout_cursor,
                     "stderr_offset": attachment.stderr_cursor,

@@ -9,7 +9,9 @@ terminal's page at ``/``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 from collections.abc import Callable
 
@@ -21,6 +23,7 @@ from sandboxd.core.config import Config
 from sandboxd.core.errors import (
     MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
     SandboxdError,
     ServerShuttingDown,
 )
@@ -44,7 +47,9 @@ from sandboxd.http.asgi import (
     respond_json,
 )
 from sandboxd.http.auth import SUBPROTOCOL, Gate, Verdict
+from sandboxd.runtime import reexec
 from sandboxd.runtime.supervisor import Supervisor
+from sandboxd.runtime.upgrade import Upgrader, UpgradeRefused, UpgradeStatus
 
 log = logging.getLogger("sandboxd.server")
 
@@ -52,6 +57,10 @@ _SLASHES = re.compile(r"/{2,}")
 
 #: WebSocket endpoints.
 WEBSOCKET_PATHS = ("/execute/ws", "/tunnel")
+#: Requests a live upgrade neither waits for nor refuses while it drains.
+_NOT_DRAINED = frozenset({"/healthz", "/admin/upgrade"})
+#: Largest candidate artifact ``POST /admin/upgrade`` accepts.
+ARTIFACT_MAX_BYTES = 512 * 1024 * 1024
 
 
 def _peer(scope: Scope) -> str:
@@ -73,7 +82,13 @@ class App:
         self.connections: set[ExecConnection] = set()
         self._no_connections = trio.Event()
         self._no_connections.set()
-        sse = SseEndpoints(supervisor, config.sse_ack_bytes)
+        self.upgrade_status = UpgradeStatus()
+        self.upgrader: Upgrader | None = None
+        self.background: trio.Nursery | None = None  # where a committed upgrade runs
+        self.tunnels: set[tuple[trio.CancelScope, MessageTransport]] = set()
+        self.in_flight = 0  # HTTP requests being served (but those of _NOT_DRAINED/SSE)
+        self._flight_changed = trio.Event()
+        self.sse = sse = SseEndpoints(supervisor, config.sse_ack_bytes)
         self.http_routes: dict[str, dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz, "HEAD": self._healthz},
             "/sessions": {"GET": self._sessions},
@@ -84,6 +99,7 @@ class App:
             "/execute/stream/start": {"POST": sse.start},
             "/execute/stream/resume": {"POST": sse.resume},
             "/execute": {"POST": sse.execute},
+            "/admin/upgrade": {"POST": self._admin_upgrade},
         }
         self.terminal = TerminalFiles()
         for asset_path, asset in self.terminal.assets.items():
@@ -129,18 +145,24 @@ class App:
             return verdict
         if path not in WEBSOCKET_PATHS:
             return Verdict(False, 404, "NotFound", f"no WebSocket endpoint at {path}")
-        if self.supervisor.shutting_down:
+        if self.supervisor.shutting_down or self.supervisor.upgrading:
+            what = "upgrading" if self.supervisor.upgrading else "shutting down"
             error_type = ServerShuttingDown.error_type
-            return Verdict(False, 503, error_type, "sandboxd is shutting down", 1)
+            return Verdict(False, 503, error_type, f"sandboxd is {what}", 1)
         return None
 
     async def serve_websocket(self, path: str, transport: MessageTransport, peer: str) -> None:
         """Run the endpoint at ``path`` on an accepted WebSocket until it is done."""
         if path == "/tunnel":
-            try:
-                await serve_tunnel(transport, self.tunnel_policy)
-            except Exception:
-                log.exception("tunnel failed", extra={"peer": peer})
+            with trio.CancelScope() as scope:
+                entry = (scope, transport)
+                self.tunnels.add(entry)
+                try:
+                    await serve_tunnel(transport, self.tunnel_policy)
+                except Exception:
+                    log.exception("tunnel failed", extra={"peer": peer})
+                finally:
+                    self.tunnels.discard(entry)
             return
         connection = ExecConnection(self.supervisor, transport, peer)
         self.connections.add(connection)
@@ -218,6 +240,86 @@ class App:
                 for connection in list(self.connections):
                     nursery.start_soon(connection.going_away)
 
+    # ---- live upgrade -------------------------------------------------------------
+
+    async def wait_drained(self, seconds: float) -> bool:
+        """Wait for in-flight HTTP requests to finish (False: not within ``seconds``)."""
+        with trio.move_on_after(seconds):
+            while self.in_flight:
+                await self._flight_changed.wait()
+            return True
+        return False
+
+    async def close_for_upgrade(self, within: float) -> None:
+        """Close every client for a live upgrade: exec sockets 1001 after ``started``
+        (1000 before it: both SDKs re-send the execute), SSE responses end with
+        ``ack_required``, tunnels 1001."""
+        with trio.move_on_after(within):
+            async with trio.open_nursery() as nursery:
+                for connection in list(self.connections):
+                    nursery.start_soon(connection.going_away)
+                for scope, transport in list(self.tunnels):
+                    nursery.start_soon(_close_tunnel, scope, transport)
+                nursery.start_soon(self.sse.end_for_upgrade)
+
+    async def _admin_upgrade(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /admin/upgrade``: 202 once the candidate passed the pre-flight check and
+        the swap is committed, 409 when refused (the body may carry the candidate)."""
+        try:
+            if self.upgrader is None or self.background is None:
+                raise UpgradeRefused("live upgrades are not available in this daemon")
+            candidate = await self._receive_artifact(receive)
+            argv = await self.upgrader.prepare(candidate)
+        except UpgradeRefused as exc:
+            detail = {"error": exc.error_type, "message": exc.message}
+            await respond_json(send, 409, {**detail, "detail": detail})
+            return
+        status = self.upgrade_status
+        await respond_json(
+            send, 202, {"generation": status.generation + 1, "from_version": __version__}
+        )
+        self.background.start_soon(self.upgrader.commit, argv)
+
+    async def _receive_artifact(self, receive: Receive) -> list[str] | None:
+        """Write a non-empty body to ``sandboxd.next`` beside the running executable;
+        the candidate's argv (None: no body)."""
+        assert self.upgrader is not None
+        path = reexec.next_path(os.environ)
+        temp = f"{path}.{os.getpid()}.part"
+        fd = -1
+        size = 0
+        try:
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    raise ClientGone()
+                chunk = memoryview(event.get("body", b""))
+                if chunk:
+                    size += len(chunk)
+                    if size > ARTIFACT_MAX_BYTES:
+                        raise PayloadTooLarge(f"artifact over {ARTIFACT_MAX_BYTES} bytes")
+                    if fd < 0:
+                        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                        fd = os.open(temp, flags, 0o755)
+                    while chunk:
+                        chunk = chunk[os.write(fd, chunk) :]
+                if not event.get("more_body", False):
+                    break
+            if fd < 0:
+                return None
+            os.fchmod(fd, 0o755)
+            os.close(fd)
+            fd = -1
+            os.replace(temp, path)
+        except OSError as exc:
+            raise UpgradeRefused(f"cannot write the candidate to {path}: {exc.strerror}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+        return [path, *self.upgrader.daemon_args]
+
     # ---- HTTP ---------------------------------------------------------------------
 
     async def _http(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -231,7 +333,17 @@ class App:
                 raise MethodNotAllowed(f"{method} {path} is not allowed; use {', '.join(methods)}")
             if self.supervisor.shutting_down and path.startswith("/execute"):
                 raise ServerShuttingDown("sandboxd is shutting down")
-            await handler(scope, receive, send)
+            if self.supervisor.upgrading and path not in _NOT_DRAINED:
+                raise ServerShuttingDown("sandboxd is upgrading")
+            counted = path not in _NOT_DRAINED and not path.startswith("/execute/stream/")
+            self.in_flight += counted
+            try:
+                await handler(scope, receive, send)
+            finally:
+                self.in_flight -= counted
+                if counted:
+                    self._flight_changed.set()
+                    self._flight_changed = trio.Event()
         except SandboxdError as exc:
             log.info(
                 "request refused",
@@ -250,6 +362,7 @@ class App:
             "sessions": len(supervisor.sessions),
             "buffered_bytes": supervisor.pool.total,
             "orphans_reaped": supervisor.reaper.orphans_reaped,
+            **self.upgrade_status.fields(),
         }
         # 503 while stopping, so a readiness probe takes the sandbox out of rotation.
         status = 503 if supervisor.shutting_down else 200
@@ -290,3 +403,10 @@ class App:
             elif event["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _close_tunnel(scope: trio.CancelScope, transport: MessageTransport) -> None:
+    """A live upgrade: 1001 to the tunnel's client (its TCP streams end with it)."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await transport.send([], close=1001)
+    scope.cancel()

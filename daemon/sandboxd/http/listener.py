@@ -100,16 +100,20 @@ async def serve_http(
     *,
     max_connections: int = 1024,
     lean: LeanOptions | None = None,
+    control: AcceptControl | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on the listening ``sock`` until ``stop`` is set.
 
     Then stop accepting, let open connections finish for ``config.graceful_timeout``
-    seconds, and cancel what is left.
+    seconds, and cancel what is left. The accept loop only ever owns a dup of ``sock``
+    (it closes its listener when it stops), so ``sock`` itself keeps listening and new
+    connections queue in its backlog while ``control`` pauses accepting (a live upgrade
+    carries ``sock`` to the next image).
     """
     context = WorkerContext(None)
     wrapped = ASGIWrapper(app)  # type: ignore[arg-type]
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    control = control or AcceptControl()
 
     open_connections = 0
     last_warning = -math.inf
@@ -125,7 +129,11 @@ async def serve_http(
             return
         open_connections += 1
         try:
-            prefix = await _read_head(stream, config.keep_alive_timeout)
+            control.head_reading(1)
+            try:
+                prefix = await _read_head(stream, config.keep_alive_timeout)
+            finally:
+                control.head_reading(-1)
             if prefix is None:
                 await trio.aclose_forcefully(stream)
                 return
@@ -150,15 +158,73 @@ async def serve_http(
             open_connections -= 1
 
     async with trio.open_nursery() as connections:
-        async with trio.open_nursery() as accepting:
-            accepting.start_soon(
-                partial(trio.serve_listeners, handle, [listener], handler_nursery=connections)
-            )
-            task_status.started()
-            await stop.wait()
-            accepting.cancel_scope.cancel()
+        started = False
+        while not stop.is_set():
+            async with trio.open_nursery() as accepting:
+                if not control.paused:
+                    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners, handle, [listener], handler_nursery=connections
+                        )
+                    )
+                if not started:
+                    task_status.started()
+                    started = True
+                await control.wait_changed_or(stop)
+                accepting.cancel_scope.cancel()
+        sock.close()  # (stopping: the port is released, as before the accept loop dup'd)
         await context.terminated.set()
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+
+
+class AcceptControl:
+    """Pauses and resumes accepting (a live upgrade), and counts the connections whose
+    first request head is still being read."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.reading_heads = 0
+        self._changed = trio.Event()
+        self._heads_read = trio.Event()
+
+    def head_reading(self, change: int) -> None:
+        """One more (1) or one fewer (-1) connection whose head is being read."""
+        self.reading_heads += change
+        if not self.reading_heads:
+            self._heads_read.set()
+            self._heads_read = trio.Event()
+
+    async def wait_heads_read(self) -> None:
+        """Return once no connection's first request head is still being read."""
+        while self.reading_heads:
+            await self._heads_read.wait()
+
+    def pause(self) -> None:
+        """Stop accepting; new connections wait in the listening socket's backlog."""
+        self.paused = True
+        self._poke()
+
+    def resume(self) -> None:
+        """Accept again."""
+        self.paused = False
+        self._poke()
+
+    def _poke(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed_or(self, stop: trio.Event) -> None:
+        """Return on the next pause/resume, or once ``stop`` is set."""
+        changed = self._changed
+        async with trio.open_nursery() as nursery:
+
+            async def wait(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait, changed)
+            nursery.start_soon(wait, stop)
 
 
 class LeanOptions:

@@ -19,7 +19,7 @@ import trio
 from sandboxd.core.session import Attachment
 
 if TYPE_CHECKING:
-    from sandboxd.runtime.supervisor import LiveSession
+    from sandboxd.runtime.live import LiveSession
 
 
 @dataclass(eq=False, slots=True)

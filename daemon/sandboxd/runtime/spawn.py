@@ -30,6 +30,7 @@ from sandboxd.runtime import identity
 #: Every catchable classic signal: their dispositions are reset to default in the child,
 #: so a daemon that ignores one (SIGPIPE, as Python does) does not pass that on.
 _DEFAULT_SIGNALS = frozenset(range(1, 32)) - {signal.SIGKILL, signal.SIGSTOP}
+DEFAULT_SIGNALS = _DEFAULT_SIGNALS
 
 #: Where a command too long to be an argument is open in its loader (see core/launch.py).
 SCRIPT_FD = 3

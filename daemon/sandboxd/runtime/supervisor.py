@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ from collections.abc import Callable, Iterable
 import psutil
 import trio
 
-from sandboxd.core.config import CHUNK_BYTES, Config
+from sandboxd.core.config import Config
 from sandboxd.core.environment import clean_environment, with_identity
 from sandboxd.core.errors import (
     CommandNotFound,
@@ -31,193 +30,26 @@ from sandboxd.core.errors import (
 )
 from sandboxd.core.expired import ExpiredIds
 from sandboxd.core.messages import Execute, validate_execute
-from sandboxd.core.ringbuffer import BufferPool, ReadResult
+from sandboxd.core.ringbuffer import BufferPool
 from sandboxd.core.session import (
     Attachment,
     EndReason,
-    ExitStatus,
     Expire,
     KillTree,
     Lifetimes,
     Session,
     SessionState,
-    Stream,
 )
-from sandboxd.core.utf8 import Utf8Sanitizer
 from sandboxd.runtime import process, spawn
-from sandboxd.runtime.drain import DrainClock
-from sandboxd.runtime.fdread import read_available
 from sandboxd.runtime.handoff import Handoffs
+from sandboxd.runtime.live import STDIN_BUFFER_CAP, LiveSession
+
+__all__ = ["STDIN_BUFFER_CAP", "LiveSession", "Supervisor"]
 
 log = logging.getLogger("sandboxd.supervisor")
 
-#: Input queued for a command's stdin beyond which the sending socket is not read.
-STDIN_BUFFER_CAP = 8 * 1024 * 1024
 #: How many expired ids are remembered, to answer SessionExpired rather than CommandNotFound.
 EXPIRED_IDS_KEPT = 100_000
-
-
-class LiveSession:
-    """The trio side of one session: its child, its wake-ups and its stdin queue."""
-
-    def __init__(self, core: Session, child: spawn.Child, command: str) -> None:
-        self.core = core
-        self.child = child
-        self.command = command
-        self.started_wall = time.time()
-        self.ended_wall: float | None = None
-        self.status: ExitStatus | None = None
-        self.reaped = trio.Event()
-        self.expired = trio.Event()
-        self._changed = trio.Event()
-        self._consumed = trio.Event()
-        self._drain_clocks: list[DrainClock] = []
-        self._stdin = bytearray()
-        self._stdin_closing = child.input_fd is None
-        self._stdin_event = trio.Event()
-        self._terminal_open = child.pty
-        self.timer_scope: trio.CancelScope | None = None
-
-    @property
-    def command_id(self) -> str:
-        """The session's key."""
-        return self.core.command_id
-
-    # ---- wake-ups ---------------------------------------------------------------
-
-    def notify_changed(self) -> None:
-        """New output or a new state: wake every attached client."""
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_changed(self) -> None:
-        """Sleep until ``notify_changed``."""
-        await self._changed.wait()
-
-    def notify_consumed(self) -> None:
-        """A client took output: wake a reader that is pacing the child."""
-        self._consumed.set()
-        self._consumed = trio.Event()
-
-    def delivered(self, attachment: Attachment, stream: Stream, result: ReadResult) -> None:
-        """``result`` reached the client (or was skipped as a gap): move its cursor."""
-        attachment.advance(stream, result, trio.current_time())
-        self.notify_consumed()
-
-    async def wait_for_output(self, attachment: Attachment, patience: float = math.inf) -> bool:
-        """Park a caught-up client until the session changes; False if ``patience`` ran out.
-
-        While parked it still counts as ready to take output (it paces the child).
-        """
-        attachment.waiting = True
-        try:
-            with trio.move_on_after(patience) as scope:
-                await self._changed.wait()
-        finally:
-            attachment.waiting = False
-            attachment.last_progress = trio.current_time()
-        return not scope.cancelled_caught
-
-    def reschedule(self) -> None:
-        """Point the timer scope at the core's next deadline."""
-        if self.timer_scope is not None:
-            self.timer_scope.deadline = self.core.next_deadline()
-
-    def on_reaped(self, status: ExitStatus) -> None:
-        """Called by the reaper."""
-        self.status = status
-        self.reaped.set()
-        for clock in self._drain_clocks:
-            clock.leader_reaped()
-
-    # ---- stdin ------------------------------------------------------------------
-
-    async def queue_input(self, data: bytes) -> None:
-        """Queue bytes for stdin at once (calls keep their order), then wait while over cap."""
-        if self._stdin_closing:
-            log.debug("input after stdin closed ignored", extra={"command_id": self.command_id})
-            return
-        self._stdin += data
-        self._stdin_event.set()
-        while len(self._stdin) > STDIN_BUFFER_CAP and not self._stdin_closing:
-            await self.wait_changed()
-
-    def close_input(self) -> None:
-        """Half-close stdin once the queued input is written (ignored under a PTY)."""
-        if not self.child.pty:
-            self.end_input()
-
-    def end_input(self) -> None:
-        """No more input will come: the command finished (PTY or not)."""
-        self._stdin_closing = True
-        self._stdin_event.set()
-
-    def resize(self, cols: int, rows: int) -> None:
-        """Set a PTY command's window size; nothing for pipes or once its terminal closed."""
-        if self.child.pty and self._terminal_open:
-            assert self.child.input_fd is not None
-            spawn.set_window_size(self.child.input_fd, cols, rows)
-
-    async def write_stdin(self) -> None:
-        """Write queued input to the child until stdin is closed or the child stops reading."""
-        assert self.child.input_fd is not None
-        stream = trio.lowlevel.FdStream(self.child.input_fd)
-        try:
-            while True:
-                if self._stdin:
-                    data = bytes(self._stdin[:65536])  # the rest stays queued: under the cap
-                    del self._stdin[:65536]
-                    self.notify_changed()  # wakes queue_input waiters
-                    await stream.send_all(data)
-                elif self._stdin_closing:
-                    return
-                else:
-                    await self._stdin_event.wait()
-                    self._stdin_event = trio.Event()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # the child closed its stdin; what it did not read is dropped
-        finally:
-            self._stdin_closing = True
-            self._terminal_open = False
-            self._stdin.clear()
-            stream.close()
-
-    # ---- output -----------------------------------------------------------------
-
-    async def pump(self, stream: Stream, fd: int, stall_seconds: float, drain: float) -> None:
-        """Read one output fd into its ring until EOF (or EIO, a PTY's EOF), or until the
-        drain after the leader's exit is spent (``drain.DrainClock``). Reads are coalesced
-        up to a chunk (a PTY hands out about 4 KiB a read); the task yields after every
-        chunk, so a child that never pauses cannot starve the clients."""
-        ring = self.core.ring(stream)
-        sanitizer = Utf8Sanitizer()
-        clock = DrainClock(drain, reaped=self.reaped.is_set())
-        self._drain_clocks.append(clock)
-        os.set_blocking(fd, False)
-        try:
-            with clock.scope:
-                ended = False
-                while not ended:
-                    if not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
-                        clock.paced(True)
-                        while not self.core.may_read(stream, trio.current_time(), CHUNK_BYTES):
-                            with trio.move_on_after(stall_seconds):
-                                await self._consumed.wait()
-                        clock.paced(False)
-                    data, ended = read_available(fd, CHUNK_BYTES)
-                    if data is None:
-                        await trio.lowlevel.wait_readable(fd)
-                        continue
-                    clean = sanitizer.feed(data)
-                    if clean:
-                        ring.append(clean)
-                        self.notify_changed()
-                    await trio.lowlevel.checkpoint()
-        finally:
-            ring.append(sanitizer.finish())
-            trio.lowlevel.notify_closing(fd)
-            os.close(fd)
-            self.notify_changed()
 
 
 class Supervisor:
@@ -243,6 +75,7 @@ class Supervisor:
         self._nursery = nursery
         self.handoffs = Handoffs(self.detach, nursery, config.stall_seconds)
         self.shutting_down = False
+        self.upgrading = False  # a live upgrade is draining: nothing new starts
         self.commands_started = 0
         self._base_env = clean_environment(os.environ, frozen=getattr(sys, "frozen", False))
 
@@ -272,8 +105,9 @@ class Supervisor:
             if starting is None:
                 break
             await starting.wait()  # then look again: it may have failed to spawn
-        if self.shutting_down:
-            raise ServerShuttingDown("sandboxd is shutting down")
+        if self.shutting_down or self.upgrading:
+            what = "upgrading" if self.upgrading else "shutting down"
+            raise ServerShuttingDown(f"sandboxd is {what}")
         if len(self.sessions) + len(self._starting) >= self.config.max_sessions:
             raise TooManySessions(
                 f"{len(self.sessions)} sessions are live, the cap (--max-sessions) is reached"
@@ -314,6 +148,28 @@ class Supervisor:
             extra={"command_id": command_id, "pid": child.pid, "pty": child.pty, "via": via},
         )
         return live, True
+
+    def expired_keys(self) -> list[int]:
+        """The expired-id memory, for a live upgrade."""
+        return self._expired_ids.keys()
+
+    def restore_counts(self, keys: list[int], commands_started: int, orphans: int) -> None:
+        """Take over the expired-id memory and the counters of the previous image."""
+        self._expired_ids.restore(keys)
+        self.commands_started = commands_started
+        self.reaper.orphans_reaped = orphans
+
+    async def wait_no_spawns(self) -> None:
+        """Return once no spawn is under way (in a worker thread)."""
+        while self._starting:
+            await next(iter(self._starting.values())).wait()
+
+    def adopt(self, live: LiveSession) -> None:
+        """Take over a session the previous image ran (a live upgrade): its pid is
+        already registered with the reaper."""
+        self.sessions[live.command_id] = live
+        self._expired_ids.discard(live.command_id)
+        self._nursery.start_soon(self._supervise, live)
 
     def _spawn_request(self, msg: Execute, command_id: str) -> spawn.SpawnRequest:
         # The home may appear later (an upload creates it): look each time.
@@ -383,29 +239,8 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_timers, live)
-                if child.input_fd is not None:
-                    nursery.start_soon(live.write_stdin)
-                async with trio.open_nursery() as readers:
-                    # Each pump waits a bounded time for the EOF of children left behind.
-                    timing = (self.config.stall_seconds, self.config.drain_seconds)
-                    readers.start_soon(live.pump, Stream.STDOUT, child.output_fd, *timing)
-                    if child.error_fd is not None:
-                        readers.start_soon(live.pump, Stream.STDERR, child.error_fd, *timing)
-                    await live.reaped.wait()
-                assert live.status is not None
-                live.end_input()
-                live.ended_wall = time.time()
-                self.pool.retire(live.core.stdout)
-                self.pool.retire(live.core.stderr)
-                self.apply(live, live.core.finish(trio.current_time(), live.status))
-                log.info(
-                    "command finished",
-                    extra={
-                        "command_id": live.command_id,
-                        "exit_code": live.status.code,
-                        "reason": live.core.end_reason.value if live.core.end_reason else None,
-                    },
-                )
+                if live.core.state is SessionState.RUNNING:
+                    await self._run_command(live, nursery)
                 await live.expired.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -413,6 +248,33 @@ class Supervisor:
             if live.status is None:  # cancelled while running (daemon stopping)
                 self._kill_tree(child.pid, signal.SIGKILL, live.command_id)
             live.notify_changed()
+
+    async def _run_command(self, live: LiveSession, nursery: trio.Nursery) -> None:
+        """Pump a running command's output and stdin until it is reaped and drained,
+        then finish the session. (A session taken over from the previous image starts
+        here with the fds that were still open.)"""
+        if live.input_open:
+            nursery.start_soon(live.write_stdin)
+        async with trio.open_nursery() as readers:
+            # Each pump waits a bounded time for the EOF of children left behind.
+            timing = (self.config.stall_seconds, self.config.drain_seconds)
+            for stream, fd in list(live.open_fds.items()):
+                readers.start_soon(live.pump, stream, fd, *timing)
+            await live.reaped.wait()
+        assert live.status is not None
+        live.end_input()
+        live.ended_wall = time.time()
+        self.pool.retire(live.core.stdout)
+        self.pool.retire(live.core.stderr)
+        self.apply(live, live.core.finish(trio.current_time(), live.status))
+        log.info(
+            "command finished",
+            extra={
+                "command_id": live.command_id,
+                "exit_code": live.status.code,
+                "reason": live.core.end_reason.value if live.core.end_reason else None,
+            },
+        )
 
     def _drop(self, live: LiveSession) -> None:
         """Take the session out of the registry: its TTL ran out (new clients are then

@@ -1,0 +1,143 @@
+"""The supervisor's sessions to and from the handover state (both images).
+
+``capture`` runs in the old image's final synchronous stretch (no await); ``rebuild``
+runs in the new image before the reaper's first pass, and registers every pid that was
+not reaped yet, so a child that exited during the swap is reaped with its exact status.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from sandboxd.core.carry import (
+    restore_core,
+    restore_exit,
+    restore_ring,
+    snapshot_core,
+    snapshot_exit,
+    snapshot_ring,
+)
+from sandboxd.core.handover import SessionRecord, StreamState
+from sandboxd.core.session import SessionState, Stream
+from sandboxd.core.utf8 import Utf8Sanitizer
+from sandboxd.runtime import reexec, spawn
+from sandboxd.runtime.live import LiveSession
+from sandboxd.runtime.supervisor import Supervisor
+
+
+def _stream(live: LiveSession, stream: Stream) -> StreamState:
+    fd = live.open_fds.get(stream, -1)
+    sanitizer = live.sanitizers.get(stream)
+    carry = sanitizer.held() if sanitizer is not None and fd >= 0 else b""
+    return StreamState(ring=snapshot_ring(live.core.ring(stream)), fd=fd, carry=carry)
+
+
+def capture(supervisor: Supervisor, now: float) -> list[SessionRecord]:
+    """Every session in the registry, as it is at this instant."""
+    records: list[SessionRecord] = []
+    for live in supervisor.sessions.values():
+        core = live.core
+        if core.state is SessionState.EXPIRED:
+            continue
+        pending, closing, terminal_open = live.stdin_state()
+        running = core.state is SessionState.RUNNING
+        records.append(
+            SessionRecord(
+                core=snapshot_core(core, now),
+                command=live.command,
+                pty=live.child.pty,
+                started_wall=live.started_wall,
+                stdout=_stream(live, Stream.STDOUT),
+                stderr=_stream(live, Stream.STDERR),
+                proc_start_ticks=reexec.start_ticks(core.pid) if live.status is None else 0,
+                ended_wall=live.ended_wall,
+                reaped=snapshot_exit(live.status) if running and live.status else None,
+                input_fd=live.child.input_fd if live.input_open and live.child.input_fd else -1,
+                stdin_pending=pending,
+                stdin_closing=closing,
+                terminal_open=terminal_open,
+                spawner_peak_kib=live.child.spawner_peak_kib,
+            )
+        )
+    return records
+
+
+def carried_fds(records: list[SessionRecord]) -> list[int]:
+    """The fds the records claim."""
+    fds: list[int] = []
+    for record in records:
+        fds += [fd for fd in (record.stdout.fd, record.stderr.fd, record.input_fd) if fd >= 0]
+    return fds
+
+
+def check(records: list[SessionRecord], parent: int, *, strict_pids: bool = True) -> None:
+    """Raise ``ValueError`` unless every claimed fd is open and of its kind (a FIFO for
+    pipe ends, a character device for a PTY master) and no fd is claimed twice, and
+    (``strict_pids``) every unreaped pid is a child of ``parent`` that started when
+    recorded."""
+    seen: set[int] = set()
+    for record in records:
+        for fd in (record.stdout.fd, record.stderr.fd, record.input_fd):
+            if fd < 0:
+                continue
+            if fd in seen or fd <= 2:
+                raise ValueError(f"fd {fd} claimed twice or a standard fd")
+            seen.add(fd)
+            mode = os.fstat(fd).st_mode  # OSError: not open
+            if not (stat.S_ISCHR(mode) if record.pty else stat.S_ISFIFO(mode)):
+                raise ValueError(f"fd {fd} of {record.core.command_id} is not its pipe/PTY")
+        running = record.core.state == "running" and record.reaped is None
+        if strict_pids and running:
+            pid = record.core.pid
+            if reexec.parent_of(pid) != parent:
+                raise ValueError(f"pid {pid} of {record.core.command_id} is not a child")
+            ticks = record.proc_start_ticks
+            if ticks and reexec.start_ticks(pid) != ticks:
+                raise ValueError(f"pid {pid} of {record.core.command_id} is another process")
+
+
+def rebuild(supervisor: Supervisor, records: list[SessionRecord], now: float) -> list[LiveSession]:
+    """The live sessions of ``records`` (``now``: the restore time, the swap already
+    taken off), each running pid registered with the supervisor's reaper; the caller
+    adopts them (``Supervisor.adopt``) before the reaper's first pass."""
+    pool = supervisor.pool
+    lives: list[LiveSession] = []
+    for record in records:
+        stdout = restore_ring(record.stdout.ring, pool.ring(record.stdout.ring.capacity))
+        stderr = restore_ring(record.stderr.ring, pool.ring(record.stderr.ring.capacity))
+        core = restore_core(record.core, now, stdout, stderr)
+        child = spawn.Child(
+            pid=core.pid,
+            output_fd=record.stdout.fd,
+            error_fd=None if record.pty else record.stderr.fd,
+            input_fd=record.input_fd if record.input_fd >= 0 else None,
+            pty=record.pty,
+        )
+        child.spawner_peak_kib = record.spawner_peak_kib
+        live = LiveSession(core, child, record.command)
+        live.started_wall = record.started_wall
+        live.ended_wall = record.ended_wall
+        live.open_fds = {
+            stream: state.fd
+            for stream, state in ((Stream.STDOUT, record.stdout), (Stream.STDERR, record.stderr))
+            if state.fd >= 0
+        }
+        for stream, state in ((Stream.STDOUT, record.stdout), (Stream.STDERR, record.stderr)):
+            if state.fd >= 0:
+                sanitizer = Utf8Sanitizer()
+                sanitizer.hold(state.carry)
+                live.sanitizers[stream] = sanitizer
+        live.input_open = child.input_fd is not None
+        live.restore_stdin(record.stdin_pending, record.stdin_closing, record.terminal_open)
+        if core.state is SessionState.FINISHED:
+            assert core.status is not None
+            live.on_reaped(core.status)
+            pool.retire(stdout)
+            pool.retire(stderr)
+        elif record.reaped is not None:
+            live.on_reaped(restore_exit(record.reaped))
+        else:
+            supervisor.reaper.watch(child, live.on_reaped)
+        lives.append(live)
+    return lives
