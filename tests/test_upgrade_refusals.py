@@ -90,6 +90,25 @@ async def test_a_damaged_state_blob_is_refused_before_the_swap_and_nothing_chang
         await _intact(daemon, follower, command)
 
 
+async def test_the_same_scenario_with_an_intact_blob_upgrades(tmp_path: Path) -> None:
+    """The positive control of the refusal tests above: without a damage, the same
+    session and the same trigger make an upgrade (else those refusals prove nothing)."""
+    command = loop_command("r", tmp_path / "stop")
+    with upgrade_daemon() as daemon, trio.fail_after(90):
+        follower = Follower(f"ws://{daemon.address}/execute/ws", command)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(follower.run)
+            await trio.sleep(0.3)
+            status, body = await _thread(post_upgrade, daemon.address)
+            assert status == 202, (status, body)
+            health = await _thread(wait_generation, daemon.address, 1)
+            assert health["pid"] == daemon.process.pid
+            await trio.sleep(0.3)
+            (tmp_path / "stop").touch()
+        assert follower.closes == [1001], follower.closes
+        await _intact(daemon, follower, command)
+
+
 async def test_a_candidate_that_cannot_start_is_refused_with_its_stderr(tmp_path: Path) -> None:
     command = loop_command("c", tmp_path / "stop")
     broken = _artifact(tmp_path, "broken", "#!/bin/sh\necho 'no-such-runtime-4711' >&2\nexit 1\n")

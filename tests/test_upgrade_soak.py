@@ -124,36 +124,39 @@ def test_upgrades_under_ten_streaming_commands_lose_nothing(tmp_path: Path) -> N
                 start_thread(python_sdk_stream, url, c, py_results[c.key]) for c in python_cmds
             ]
             ts = TsClients.start(url, ts_cmds)
-            results = {**py_results, **ts.results}
-            for result in results.values():
-                assert result.started.wait(60), result.key
-                assert result.error is None, (result.key, result.error)
-            version = healthz(daemon.address)["version"]
-            command_pids = {s["command_id"]: s["pid"] for s in _sessions(daemon)}
-            extra = {p: f for p in command_pids.values() if (f := _extra_fds(p))}
-            assert extra == {}, f"commands hold fds beyond 0-2: {extra}"
+            try:
+                results = {**py_results, **ts.results}
+                for result in results.values():
+                    assert result.started.wait(60), result.key
+                    assert result.error is None, (result.key, result.error)
+                version = healthz(daemon.address)["version"]
+                command_pids = {s["command_id"]: s["pid"] for s in _sessions(daemon)}
+                extra = {p: f for p in command_pids.values() if (f := _extra_fds(p))}
+                assert extra == {}, f"commands hold fds beyond 0-2: {extra}"
 
-            swaps: list[float] = []
-            rss_net: dict[int, int] = {}
-            for n in range(1, UPGRADES + 1):
-                time.sleep(rng.uniform(0.2, 1.5))
-                for key, at in gates.items():
-                    if at == n:
-                        (tmp_path / key).touch()  # the command ends while this upgrade runs
-                trigger(daemon, "signal" if n % 2 else "http")
-                health = wait_generation(daemon.address, n)
-                assert health["pid"] == pid
-                assert health["last_upgrade"]["result"] == "ok", health
-                swaps.append(health["last_upgrade"]["swap_ms"])
-                if n in (1, UPGRADES):
-                    rss_net[n] = rss(pid) - health["buffered_bytes"]
-            for key in gates:
-                (tmp_path / key).touch()  # (already there unless UPGRADES is 0)
-            (tmp_path / "stop").touch()
-            for thread in threads:
-                thread.join(timeout=300)
-                assert not thread.is_alive()
-            ts_stderr = ts.wait(timeout=300)
+                swaps: list[float] = []
+                rss_net: dict[int, int] = {}
+                for n in range(1, UPGRADES + 1):
+                    time.sleep(rng.uniform(0.2, 1.5))
+                    for key, at in gates.items():
+                        if at == n:
+                            (tmp_path / key).touch()  # the command ends while this upgrade runs
+                    trigger(daemon, "signal" if n % 2 else "http")
+                    health = wait_generation(daemon.address, n)
+                    assert health["pid"] == pid
+                    assert health["last_upgrade"]["result"] == "ok", health
+                    swaps.append(health["last_upgrade"]["swap_ms"])
+                    if n in (1, UPGRADES):
+                        rss_net[n] = rss(pid) - health["buffered_bytes"]
+                for key in gates:
+                    (tmp_path / key).touch()  # (already there unless UPGRADES is 0)
+                (tmp_path / "stop").touch()
+                for thread in threads:
+                    thread.join(timeout=300)
+                    assert not thread.is_alive()
+                ts_stderr = ts.wait(timeout=300)
+            finally:
+                ts.close()
 
         wrong: list[str] = []
         for key, result in results.items():

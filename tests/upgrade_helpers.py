@@ -499,6 +499,15 @@ class TsClients:
         reader.start()
         return cls(process, results, reader)
 
+    def close(self) -> None:
+        """Kill the node process if it still runs (a test that failed early)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
     def wait(self, timeout: float) -> str:
         """Wait for the node process to end; its stderr."""
         self.process.wait(timeout=timeout)
