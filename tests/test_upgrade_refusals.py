@@ -171,9 +171,10 @@ async def test_a_new_image_that_fails_while_resuming_is_rolled_back(tmp_path: Pa
     with upgrade_daemon(allow_errors=True) as daemon, trio.fail_after(90):
         await _rolled_back(daemon, command, tmp_path / "stop", wrapper)
         # the image that came back upgrades normally
+        since = time.time()
         status, _ = await _thread(post_upgrade, daemon.address)
         assert status == 202
-        health = await _thread(wait_generation, daemon.address, 1)
+        health = await _thread(wait_generation, daemon.address, 1, 60.0, since)
         assert health["pid"] == daemon.process.pid
 
 

@@ -124,9 +124,12 @@ def trigger(daemon: DaemonProcess, how: Trigger, pid: int | None = None) -> int 
 DROPPED_REQUESTS: list[str] = []
 
 
-def wait_generation(address: str, generation: int, timeout: float = 60.0) -> dict[str, Any]:
+def wait_generation(
+    address: str, generation: int, timeout: float = 60.0, since: float = 0.0
+) -> dict[str, Any]:
     """Poll ``/healthz`` until it shows ``generation``; the health it then showed. Fails
-    at once when an upgrade ended refused or rolled back, or the generation overshoots."""
+    at once when an upgrade recorded at or after ``since`` (unix seconds) ended refused or
+    rolled back, or the generation overshoots."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -138,7 +141,7 @@ def wait_generation(address: str, generation: int, timeout: float = 60.0) -> dic
             time.sleep(0.02)
             continue
         last = health.get("last_upgrade") or {}
-        assert last.get("result") in (None, "ok"), health
+        assert last.get("result") in (None, "ok") or last["at"] < since - 0.5, health
         assert health["generation"] <= generation, health
         if health["generation"] == generation:
             return health
