@@ -94,8 +94,10 @@ async def test_pid_1_upgrades_in_place_reaps_orphans_and_stops_on_a_term_in_the_
             await trio.sleep(0.2)
             init.send_signal(signal.SIGTERM)
             code = await _thread(daemon.process.wait, 60)
+            await trio.sleep(3)  # a terminal frame still on its way
+            nursery.cancel_scope.cancel()
         assert code == 0, daemon.logs[-5:]
-        assert last.terminal is not None, last
+        assert last.terminal is not None, (last.closes, last.reattach_failures, last.streams)
         assert last.terminal["type"] == "exit" and last.terminal.get("reason") == "shutdown", (
             last.terminal
         )

@@ -61,6 +61,8 @@ def upgrade_daemon(
             code = daemon.process.returncode
             if daemon.reader is not None:
                 daemon.reader.join(timeout=10)
+            if daemon.process.stderr is not None:
+                daemon.process.stderr.close()
         if expect_exit is not None:
             quiet = [e for e in daemon.logs if "command" not in str(e.get("msg"))]
             assert code == expect_exit, (code, quiet[-12:])
