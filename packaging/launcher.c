@@ -239,6 +239,11 @@ int main(int argc, char **argv) {
     close(fd);
     if ((size_t)snprintf(program, sizeof program, "%s/sandboxd", dir) >= sizeof program)
         die("program path too long", dir);
+    /* A live upgrade without an uploaded candidate re-execs the artifact (which unpacks
+     * whatever payload it holds by then), so the program is told where it came from. */
+    char self[PATH_MAX];
+    if (realpath("/proc/self/exe", self) && setenv("SANDBOXD_ARTIFACT", self, 1) != 0)
+        die("cannot set SANDBOXD_ARTIFACT", NULL);
     execv(program, argv);
     die("cannot run (a noexec file system? set SANDBOXD_UNPACK_DIR)", program);
     return 127;

@@ -15,7 +15,19 @@ from collections.abc import Sequence
 
 #: The client's verbs (``sandboxd VERB --help`` for each).
 VERBS = frozenset(
-    {"exec", "shell", "attach", "ps", "logs", "kill", "cp", "port-forward", "web", "help"}
+    {
+        "exec",
+        "shell",
+        "attach",
+        "ps",
+        "logs",
+        "kill",
+        "cp",
+        "port-forward",
+        "web",
+        "upgrade",
+        "help",
+    }
 )
 #: Client options that may come before the verb, each with a value.
 _GLOBAL_OPTIONS = ("--url", "--token")

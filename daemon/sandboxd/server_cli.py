@@ -142,7 +142,7 @@ async def _main(
             async for signo in signals:
                 log.info("signal received", extra={"signal": signal.Signals(signo).name})
                 if signo == signal.SIGUSR2:
-                    if config.no_upgrade:
+                    if not config.upgrade:
                         log.info("SIGUSR2 ignored: live upgrades are disabled (--no-upgrade)")
                     elif running.upgrader is not None:
                         nursery.start_soon(running.upgrader.run)

@@ -84,6 +84,13 @@ class _Frontend:
 
     async def close_for_upgrade(self, within: float) -> None:
         await self._app.close_for_upgrade(within)
+        # No connection may be cut mid-request by the exec: hypercorn closes its idle
+        # keep-alive connections now and busy ones after their response.
+        with trio.move_on_after(within):
+            await self._control.close_http()
+
+    async def reopen(self) -> None:
+        await self._control.reopen_http()
 
 
 def _hypercorn_config(config: Config) -> HypercornConfig:

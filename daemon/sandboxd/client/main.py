@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--address", default="127.0.0.1")
     f.add_argument("ports", nargs="+", metavar="[LOCAL:]REMOTE")
     verb("web", "print the browser terminal's URL")
+    up = verb("upgrade", "live-upgrade the daemon; returns once the new image serves")
+    up.add_argument("--artifact", metavar="FILE", help="the new executable to run")
     verbs.add_parser("help", help="this help")
     return parser
 
@@ -244,6 +246,10 @@ def dispatch(args: argparse.Namespace) -> int:
         if verb == "kill":
             return watching.kill(endpoint, args.ids, args.signal)
         return watching.web(endpoint)
+    if verb == "upgrade":
+        from sandboxd.client.upgrade import upgrade
+
+        return upgrade(endpoint, args.artifact)
     if verb == "cp":
         from sandboxd.client.copy import copy
 

@@ -120,9 +120,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         bool, _doc("accept permessage-deflate when a client offers it (costs CPU)")
     ] = False
 
-    no_upgrade: Annotated[bool, _doc("refuse live upgrades (SIGUSR2 and POST /admin/upgrade)")] = (
-        False
-    )
+    upgrade: Annotated[
+        bool,
+        _doc("allow live upgrades (SIGUSR2, POST /admin/upgrade); --no-upgrade refuses them"),
+    ] = True
     upgrade_grace: Annotated[
         float,
         msgspec.Meta(ge=0),

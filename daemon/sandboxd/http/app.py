@@ -87,6 +87,7 @@ class App:
         self.background: trio.Nursery | None = None  # where a committed upgrade runs
         self.tunnels: set[tuple[trio.CancelScope, MessageTransport]] = set()
         self.in_flight = 0  # HTTP requests being served (but those of _NOT_DRAINED/SSE)
+        self.requests = 0  # every HTTP request being served
         self._flight_changed = trio.Event()
         self.sse = sse = SseEndpoints(supervisor, config.sse_ack_bytes)
         self.http_routes: dict[str, dict[str, Handler]] = {
@@ -250,6 +251,13 @@ class App:
             return True
         return False
 
+    async def wait_no_requests(self, seconds: float) -> None:
+        """Wait (at most ``seconds``) until no HTTP request at all is being served, so
+        that the exec cuts no response (the /admin/upgrade answer, a /healthz)."""
+        with trio.move_on_after(seconds):
+            while self.requests:
+                await self._flight_changed.wait()
+
     async def close_for_upgrade(self, within: float) -> None:
         """Close every client for a live upgrade: exec sockets 1001 after ``started``
         (1000 before it: both SDKs re-send the execute), SSE responses end with
@@ -261,6 +269,7 @@ class App:
                 for scope, transport in list(self.tunnels):
                     nursery.start_soon(_close_tunnel, scope, transport)
                 nursery.start_soon(self.sse.end_for_upgrade)
+        await self.wait_no_requests(within)
 
     async def _admin_upgrade(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /admin/upgrade``: 202 once the candidate passed the pre-flight check and
@@ -337,13 +346,14 @@ class App:
                 raise ServerShuttingDown("sandboxd is upgrading")
             counted = path not in _NOT_DRAINED and not path.startswith("/execute/stream/")
             self.in_flight += counted
+            self.requests += 1
             try:
                 await handler(scope, receive, send)
             finally:
                 self.in_flight -= counted
-                if counted:
-                    self._flight_changed.set()
-                    self._flight_changed = trio.Event()
+                self.requests -= 1
+                self._flight_changed.set()
+                self._flight_changed = trio.Event()
         except SandboxdError as exc:
             log.info(
                 "request refused",

@@ -81,8 +81,8 @@ def client_broke_protocol(exc: BaseException) -> bool:
     return isinstance(exc, h11.ProtocolError | wsproto.utilities.ProtocolError)
 
 
-def _refusal(max_connections: int) -> bytes:
-    body = error_body(
+def _refusal(max_connections: int, body: bytes | None = None) -> bytes:
+    body = body or error_body(
         "TooManyConnections", f"sandboxd serves at most {max_connections} connections at once"
     )
     head = (
@@ -114,6 +114,7 @@ async def serve_http(
     context = WorkerContext(None)
     wrapped = ASGIWrapper(app)  # type: ignore[arg-type]
     control = control or AcceptControl()
+    control.context = context
 
     open_connections = 0
     last_warning = -math.inf
@@ -145,9 +146,16 @@ async def serve_http(
                         stream, head, key, prefix[end:], lean.target, lean.max_message
                     )
                     return
+            if control.closing:  # a live upgrade is about to exec: hypercorn is closing
+                await _refuse(stream, _UPGRADING)
+                return
             server = _TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
             server.prefix = prefix
-            await server
+            control.http_serving(1)
+            try:
+                await server
+            finally:
+                control.http_serving(-1)
         except Exception as exc:
             if client_broke_protocol(exc):
                 log.info("client broke the protocol; closed", extra={"error": repr(exc)})
@@ -178,6 +186,10 @@ async def serve_http(
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
 
+#: The answer to a request that comes in while a live upgrade closes the connections.
+_UPGRADING = _refusal(0, error_body("ServerShuttingDown", "sandboxd is upgrading"))
+
+
 class AcceptControl:
     """Pauses and resumes accepting (a live upgrade), and counts the connections whose
     first request head is still being read."""
@@ -185,8 +197,12 @@ class AcceptControl:
     def __init__(self) -> None:
         self.paused = False
         self.reading_heads = 0
+        self.http_open = 0  # connections hypercorn serves
+        self.closing = False  # close_http was called
+        self.context: WorkerContext | None = None
         self._changed = trio.Event()
         self._heads_read = trio.Event()
+        self._http_done = trio.Event()
 
     def head_reading(self, change: int) -> None:
         """One more (1) or one fewer (-1) connection whose head is being read."""
@@ -194,6 +210,28 @@ class AcceptControl:
         if not self.reading_heads:
             self._heads_read.set()
             self._heads_read = trio.Event()
+
+    def http_serving(self, change: int) -> None:
+        """One more (1) or one fewer (-1) connection that hypercorn serves."""
+        self.http_open += change
+        if not self.http_open:
+            self._http_done.set()
+            self._http_done = trio.Event()
+
+    async def close_http(self) -> None:
+        """Have hypercorn close its connections: idle keep-alive ones at once, busy ones
+        once their response is out; return when none is left."""
+        self.closing = True
+        if self.context is not None:
+            await self.context.terminated.set()
+        while self.http_open or self.reading_heads:
+            await (self._http_done if self.http_open else self._heads_read).wait()
+
+    async def reopen_http(self) -> None:
+        """Undo ``close_http`` (the upgrade was refused)."""
+        self.closing = False
+        if self.context is not None:
+            await self.context.terminated.clear()
 
     async def wait_heads_read(self) -> None:
         """Return once no connection's first request head is still being read."""

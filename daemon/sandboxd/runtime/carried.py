@@ -71,11 +71,9 @@ def carried_fds(records: list[SessionRecord]) -> list[int]:
     return fds
 
 
-def check(records: list[SessionRecord], parent: int, *, strict_pids: bool = True) -> None:
-    """Raise ``ValueError`` unless every claimed fd is open and of its kind (a FIFO for
-    pipe ends, a character device for a PTY master) and no fd is claimed twice, and
-    (``strict_pids``) every unreaped pid is a child of ``parent`` that started when
-    recorded."""
+def check_fds(records: list[SessionRecord]) -> None:
+    """Raise ``ValueError`` unless every claimed fd is open here and of its kind (a FIFO
+    for pipe ends, a character device for a PTY master) and none is claimed twice."""
     seen: set[int] = set()
     for record in records:
         for fd in (record.stdout.fd, record.stderr.fd, record.input_fd):
@@ -87,14 +85,24 @@ def check(records: list[SessionRecord], parent: int, *, strict_pids: bool = True
             mode = os.fstat(fd).st_mode  # OSError: not open
             if not (stat.S_ISCHR(mode) if record.pty else stat.S_ISFIFO(mode)):
                 raise ValueError(f"fd {fd} of {record.core.command_id} is not its pipe/PTY")
-        running = record.core.state == "running" and record.reaped is None
-        if strict_pids and running:
-            pid = record.core.pid
-            if reexec.parent_of(pid) != parent:
-                raise ValueError(f"pid {pid} of {record.core.command_id} is not a child")
-            ticks = record.proc_start_ticks
-            if ticks and reexec.start_ticks(pid) != ticks:
-                raise ValueError(f"pid {pid} of {record.core.command_id} is another process")
+
+
+def check_pids(records: list[SessionRecord], parent: int, *, gone_ok: bool = False) -> None:
+    """Raise ``ValueError`` unless every pid not reaped yet is a child of ``parent`` that
+    started when recorded (a zombie is fine). ``gone_ok``: a pid that no longer exists
+    is fine (the pre-flight: the daemon reaps on while its candidate checks)."""
+    for record in records:
+        if record.core.state != "running" or record.reaped is not None:
+            continue
+        pid = record.core.pid
+        found = reexec.parent_of(pid)
+        if found == 0 and gone_ok:
+            continue
+        if found != parent:
+            raise ValueError(f"pid {pid} of {record.core.command_id} is not a child")
+        ticks = record.proc_start_ticks
+        if ticks and reexec.start_ticks(pid) != ticks:
+            raise ValueError(f"pid {pid} of {record.core.command_id} is another process")
 
 
 def rebuild(supervisor: Supervisor, records: list[SessionRecord], now: float) -> list[LiveSession]:

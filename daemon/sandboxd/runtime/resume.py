@@ -45,7 +45,9 @@ def verify(fd: int) -> int:
         blob = reexec.read_all(fd)
         parent = os.getppid()
         state = unseal(blob, reexec.binding_of(parent))
-        carried.check(state.sessions, parent, strict_pids=True)
+        carried.check_pids(
+            state.sessions, parent, gone_ok=True
+        )  # (its fds are the daemon's, not here)
     except (HandoverRefused, ValueError, OSError, ImportError) as exc:
         reason = exc.reason if isinstance(exc, HandoverRefused) else str(exc)
         print(f"sandboxd {__version__} refuses the state: {reason}", file=sys.stderr)
@@ -81,7 +83,9 @@ def resume(fd: int, rollback_of: str | None) -> Resumed:
         from_version = state.version
         if rollback_of is None and "fail-resume" in wanted:
             raise ValueError("fault hook fail-resume")
-        carried.check(state.sessions, os.getpid(), strict_pids=rollback_of is None)
+        carried.check_fds(state.sessions)
+        if rollback_of is None:  # (the rollback is lenient: it takes what is there)
+            carried.check_pids(state.sessions, os.getpid())
         sock = _listen_socket(state.listen_fd)
     except (HandoverRefused, ValueError, OSError) as exc:
         reason = exc.reason if isinstance(exc, HandoverRefused) else str(exc)

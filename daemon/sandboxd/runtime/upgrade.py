@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Frontend(Protocol):
     def resume_accepting(self) -> None: ...
     async def wait_drained(self, seconds: float) -> bool: ...
     async def close_for_upgrade(self, within: float) -> None: ...
+    async def reopen(self) -> None: ...
 
 
 @dataclass
@@ -154,7 +156,7 @@ class Upgrader:
     async def prepare(self, candidate: Sequence[str] | None = None) -> list[str]:
         """Check and drain; the candidate's argv (without ``--resume-fd``). Raises
         ``UpgradeRefused`` (then nothing changed)."""
-        if self._config.no_upgrade:
+        if not self._config.upgrade:
             raise UpgradeRefused("live upgrades are disabled (--no-upgrade)")
         if self._context is None:
             raise UpgradeRefused("this daemon runs inside another program: no live upgrade")
@@ -202,6 +204,7 @@ class Upgrader:
             self._undo()
             raise
         self._undo()
+        await self._frontend.reopen()
         record(self.status, "refused", reason)
 
     async def run(self, candidate: Sequence[str] | None = None) -> None:
@@ -296,6 +299,15 @@ class Upgrader:
         environ[reexec.LISTEN_FD_VARIABLE] = str(self._listen_fd)
         environ.pop(reexec.REASON_VARIABLE, None)
         full = [*argv, "--resume-fd", str(memfd)]
+        # A process-directed signal goes to any thread that does not block it: trio's
+        # idle worker threads do not, and Python would then run its handler on this
+        # thread after the exec is gone. So the swap signals are noted here and raised
+        # again at this (blocking) thread, where they stay pending across the exec.
+        noted: list[int] = []
+        previous = {
+            signo: signal.signal(signo, lambda signo, _: noted.append(signo))
+            for signo in reexec.SWAP_SIGNALS
+        }
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, reexec.SWAP_SIGNALS)
         try:
             for fd in carried_fds:
@@ -308,6 +320,8 @@ class Upgrader:
             sleep = self._faults.get("exec-window-sleep")
             if sleep:
                 time.sleep(float(sleep))
+            for signo in noted:
+                signal.pthread_kill(threading.get_ident(), signo)
             os.execve(full[0], full, environ)
         except OSError as exc:
             reason = f"cannot exec {full[0]!r}: {exc.strerror}"
@@ -317,7 +331,11 @@ class Upgrader:
                 with contextlib.suppress(OSError):
                     os.set_inheritable(fd, False)
             os.close(memfd)
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            for signo, handler in previous.items():
+                signal.signal(signo, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # (pending ones land now)
+            for signo in noted:
+                os.kill(os.getpid(), signo)
         return reason
 
     def _undo(self) -> None:
