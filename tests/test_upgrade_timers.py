@@ -9,7 +9,7 @@ Tolerance: 100 ms early, 100 ms + 300 ms late (the slack of a loaded 2-core mach
 daemon's reap, the poll of /sessions and the client's read all add scheduling delay).
 
 ``kill_on_disconnect`` with its only client closed by the upgrade gives that client
-``--upgrade-grace`` (2 s here) to come back: a client that does keeps its command; the
+``--upgrade-grace`` (3 s here) to come back: a client that does keeps its command; the
 command of one that does not is killed when the grace is over.
 """
 
@@ -33,7 +33,7 @@ from tests.upgrade_helpers import (
 
 EARLY = 0.1
 LATE = 0.1 + 0.3
-GRACE = 2.0
+GRACE = 3.0
 
 
 async def _thread(function: Any, *args: Any) -> Any:
@@ -67,16 +67,16 @@ async def _until_gone(address: str, command_id: str) -> float:
 async def test_timeout_idle_and_ttl_fire_at_their_original_deadlines_across_an_upgrade() -> None:
     with upgrade_daemon(fault="exec-window-sleep=1") as daemon, trio.fail_after(60):
         ws_url = f"ws://{daemon.address}/execute/ws"
-        timed = Follower(ws_url, Command("timeout", "sleep 30", 0), {"timeout_seconds": 4})
+        timed = Follower(ws_url, Command("timeout", "sleep 30", 0), {"timeout_seconds": 6})
         async with trio.open_nursery() as nursery:
             await nursery.start(timed.run)
             # idle: the only client leaves before the upgrade, so no grace applies
             async with exec_socket(ws_url) as idle_client:
-                started = await idle_client.start(command="sleep 30", idle_timeout_seconds=3)
+                started = await idle_client.start(command="sleep 30", idle_timeout_seconds=5)
             idle_id, idle_left = started["command_id"], time.time()
             # ttl: a command that is over at once
             async with exec_socket(ws_url) as ttl_client:
-                started = await ttl_client.start(command="true", ttl_seconds=3, close_stdin=True)
+                started = await ttl_client.start(command="true", ttl_seconds=5, close_stdin=True)
                 assert (await ttl_client.recv_until("exit"))["exit_code"] == 0
             ttl_id = started["command_id"]
             ended = await _thread(session, daemon.address, ttl_id)
@@ -91,12 +91,13 @@ async def test_timeout_idle_and_ttl_fire_at_their_original_deadlines_across_an_u
         assert timed.command_id is not None
         timed_row = await _thread(session, daemon.address, timed.command_id)
     print(f"\nswap_ms {health['last_upgrade']['swap_ms']}")
-    assert timed.closes == [1001], timed.closes
+    # (under heavy load a pre-flight slower than the timers would let them fire first)
+    assert timed.closes == [1001], f"the upgrade did not straddle the timers: {timed.closes}"
     assert timed.terminal is not None and timed.terminal.get("error_type") == "CommandTimeout"
     misses = [
-        _on_time("timeout", timed.ended_at, timed.started_at + 4),
-        _on_time("idle timeout", idle_row["ended_at"], idle_left + 3),
-        _on_time("ttl", ttl_gone, ended["ended_at"] + 3),
+        _on_time("timeout", timed.ended_at, timed.started_at + 6),
+        _on_time("idle timeout", idle_row["ended_at"], idle_left + 5),
+        _on_time("ttl", ttl_gone, ended["ended_at"] + 5),
     ]
     # (the daemon's own view of the timeout: its session's start and end, wall clock)
     assert timed_row is not None
@@ -133,12 +134,15 @@ async def test_kill_on_disconnect_waits_the_upgrade_grace_for_its_client(tmp_pat
                 status, body = await _thread(post_upgrade, daemon.address)
                 assert status == 202, body
                 closed = await gone_client.collect()
+            closed_at = time.time()  # the grace starts here at the earliest
             assert closed.close_code == 1001
             await _thread(wait_generation, daemon.address, 1)
             resumed = time.time()
-            await trio.sleep(GRACE / 2)
+            await trio.sleep(max(0.0, closed_at + GRACE - 0.5 - time.time()))
             row = await _thread(session, daemon.address, gone_id)
-            assert row is not None and row["ended_at"] is None, "killed inside the grace"
+            assert row is not None and row["ended_at"] is None, (
+                f"killed inside the grace: closed {closed_at:.3f}, resumed {resumed:.3f}, {row}"
+            )
             gone_row = await _until_ended(daemon.address, gone_id)
             await trio.sleep(max(0.0, resumed + GRACE + 1 - time.time()))
             assert returns.command_id is not None
@@ -149,5 +153,9 @@ async def test_kill_on_disconnect_waits_the_upgrade_grace_for_its_client(tmp_pat
         left = time.time()
         row = await _until_ended(daemon.address, returns.command_id)
     assert returns.closes == [1001], returns.closes
-    assert GRACE / 2 <= gone_row["ended_at"] - resumed <= GRACE + 1.5, (gone_row, resumed)
+    assert closed_at + GRACE - 0.5 <= gone_row["ended_at"] <= resumed + GRACE + 1.5, (
+        gone_row,
+        closed_at,
+        resumed,
+    )
     assert row["ended_at"] - left <= 1.5, (row, left)

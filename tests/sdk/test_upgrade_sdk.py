@@ -6,6 +6,7 @@ commit) all succeed, through the SDKs' own retries."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -54,7 +55,14 @@ def test_python_and_ts_clients_stream_across_upgrades_without_an_error(tmp_path:
     assert errors == [] and wrong == [], (errors, wrong, stderr[-2000:])
 
 
-def test_runs_in_flight_when_an_upgrade_starts_succeed_on_their_retry(tmp_path: Path) -> None:
+def test_runs_in_flight_when_an_upgrade_starts_succeed_on_their_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the SDKs' real connect budget (120 s; the suite's conftest cuts it to 3 s so
+    that a dead URL fails fast, shorter than a swap on a loaded machine)."""
+    import langsmith.sandbox._ws_execute as ws_execute
+
+    monkeypatch.setattr(ws_execute, "WS_CONNECT_BUDGET", 120.0)
     stop = tmp_path / "stop"
     node = shutil.which("node")
     assert node is not None
@@ -77,6 +85,7 @@ def test_runs_in_flight_when_an_upgrade_starts_succeed_on_their_retry(tmp_path: 
         ts = subprocess.Popen(
             [node, "upgrade.mjs", daemon.url, "runs", str(stop)],
             cwd=TS_DIR,
+            env={**os.environ, "LANGSMITH_SANDBOX_WS_TIMEOUT_CONNECT_BUDGET": "120"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
