@@ -17,15 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.upgrade_helpers import (
+from tests.upgrade_clients import (
     ClientResult,
+    python_sdk_stream,
+    replay,
+    start_thread,
+)
+from tests.upgrade_helpers import (
     healthz,
     loop_command,
     mismatches,
     post_upgrade,
-    python_sdk_stream,
-    replay,
-    start_thread,
     upgrade_daemon,
     wait_generation,
 )
@@ -50,7 +52,7 @@ def test_the_single_file_build_upgrades_to_another_artifact_and_back(tmp_path: P
 
     work = tmp_path / "work"
     work.mkdir()
-    from tests.upgrade_helpers import rebranded_artifact
+    from tests.upgrade_artifact import rebranded_artifact
 
     rebranded = rebranded_artifact(ONEDIR, LAUNCHER, "0.1.0+upgrade-b", work)
     other = rebranded.read_bytes()

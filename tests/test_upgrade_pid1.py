@@ -19,14 +19,16 @@ import psutil
 import pytest
 import trio
 
+from tests.upgrade_clients import (
+    Follower,
+    replay,
+)
 from tests.upgrade_helpers import (
     Command,
-    Follower,
     healthz,
     loop_command,
     mismatches,
     post_upgrade,
-    replay,
     upgrade_daemon,
     wait_generation,
     wait_no_zombies,

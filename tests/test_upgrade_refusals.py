@@ -21,14 +21,16 @@ import pytest
 import trio
 
 from tests.sdk.conftest import DaemonProcess
+from tests.upgrade_clients import (
+    Follower,
+    replay,
+)
 from tests.upgrade_helpers import (
     Command,
-    Follower,
     healthz,
     loop_command,
     mismatches,
     post_upgrade,
-    replay,
     upgrade_daemon,
     wait_generation,
     wait_last_upgrade,

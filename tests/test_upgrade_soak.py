@@ -21,12 +21,17 @@ import trio
 
 from tests.helpers import run_command
 from tests.sdk.conftest import DaemonProcess
-from tests.upgrade_helpers import (
+from tests.upgrade_clients import (
     ClientResult,
+    TsClients,
+    python_sdk_stream,
+    replay,
+    start_thread,
+)
+from tests.upgrade_helpers import (
     Command,
     ConnectProbe,
     StreamDigest,
-    TsClients,
     digest,
     fds,
     fds_without_cloexec,
@@ -35,11 +40,8 @@ from tests.upgrade_helpers import (
     ignores_sigchld,
     loop_command,
     mismatches,
-    python_sdk_stream,
-    replay,
     rss,
     seq_command,
-    start_thread,
     trigger,
     upgrade_daemon,
     wait_generation,

@@ -21,9 +21,11 @@ from typing import Any
 import trio
 
 from tests.helpers import exec_socket
+from tests.upgrade_clients import (
+    Follower,
+)
 from tests.upgrade_helpers import (
     Command,
-    Follower,
     loop_command,
     post_upgrade,
     session,

@@ -16,14 +16,16 @@ from pathlib import Path
 import pytest
 
 from tests.sdk.conftest import sdk_sandbox
-from tests.upgrade_helpers import (
+from tests.upgrade_clients import (
     TS_DIR,
     ClientResult,
     TsClients,
-    loop_command,
-    mismatches,
     python_sdk_stream,
     start_thread,
+)
+from tests.upgrade_helpers import (
+    loop_command,
+    mismatches,
     trigger,
     upgrade_daemon,
     wait_generation,
