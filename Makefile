@@ -70,12 +70,15 @@ test: $(STAMP) $(TS_STAMP) $(WEB_ASSETS) tools lint dist
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The long hardening runs (several minutes): chaos (100 MB cut 100 times under the SDK),
-# soak (10,000 commands), 2,000 fuzz examples per fuzzer, and 200 random examples of up
-# to 20 steps of the exec model (tests/test_model.py). Numbers are printed.
+# soak (10,000 commands), 2,000 fuzz examples per fuzzer, 200 random examples of up
+# to 20 steps of the exec model (tests/test_model.py), and 20 live upgrades under ten
+# streaming commands with a 50 MB stream (tests/test_upgrade_soak.py). Numbers are printed.
 soak: $(STAMP) tools
 	CHAOS_MB=100 CHAOS_CUTS=100 SOAK_COMMANDS=10000 FUZZ_EXAMPLES=2000 \
-		MODEL_EXAMPLES=200 MODEL_STEPS=20 $(BIN)/pytest -s -o faulthandler_timeout=1800 \
-		tests/test_chaos.py tests/test_soak.py tests/test_fuzz.py tests/test_model.py
+		MODEL_EXAMPLES=200 MODEL_STEPS=20 UPGRADE_SOAK_UPGRADES=20 UPGRADE_SOAK_MB=50 \
+		$(BIN)/pytest -s -o faulthandler_timeout=1800 \
+		tests/test_chaos.py tests/test_soak.py tests/test_fuzz.py tests/test_model.py \
+		tests/test_upgrade_soak.py
 
 # One self-contained executable for snapshot images (no Python needed on the image): a
 # static C launcher (packaging/launcher.c) with a PyInstaller one-folder build appended; it

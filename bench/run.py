@@ -436,6 +436,31 @@ class Bench:
         self.row("replay 8 MiB: first byte", "ms", ttfb, None, "")
         self.row("replay 8 MiB: complete", "ms", total, None, "")
 
+    async def upgrade(self, sandboxd_args: list[str]) -> None:
+        """Live upgrades under ten attached clients (bench/upgrade.py says what is measured)."""
+        from upgrade import run_upgrades
+
+        server = start_sandboxd(*sandboxd_args)
+        try:
+            found = await run_upgrades(server.port, server.process.pid, 5 if self.quick else 50)
+        finally:
+            server.stop()
+        self.results["upgrade"] = found
+        if found["refused"] or found["lost_or_duplicated"]:
+            raise AssertionError(f"upgrade: {found}")
+        n = found["upgrades"]
+        for label, values in (
+            ("trigger -> new image accepting", found["accept_ms"]),
+            ("stream gap, client side", found["gap_ms"]),
+            ("swap_ms the daemon reports", found["swap_ms"]),
+        ):
+            stat = summary(values)
+            self.row(f"upgrade ({n}): {label} p50", "ms", stat, None, "")
+            self.row(f"upgrade ({n}): {label} p99", "ms", stat, None, "", key="p99")
+        zero = {"median": 0.0, "min": 0.0, "max": 0.0}
+        self.row(f"upgrade ({n}): refused of {found['connects']} connects: 0", "", zero, None, "")
+        self.row(f"upgrade ({n}): lost or duplicated bytes: 0", "", zero, None, "")
+
     # -- report ------------------------------------------------------------------------
 
     def report(self) -> str:
@@ -534,9 +559,13 @@ async def main(argv: list[str]) -> int:
         "slow_consumer": lambda: bench.slow_consumer(sandboxd),
         "memory": lambda: bench.memory(sandboxd_args),
         "replay": lambda: bench.replay(sandboxd),
+<<<<<<< HEAD
         "sdk_files": lambda: dataplane.sdk_files(bench, sandboxd),
         "files": lambda: dataplane.files(bench, sandboxd),
         "tunnel": lambda: dataplane.tunnel(bench, sandboxd),
+=======
+        "upgrade": lambda: bench.upgrade(sandboxd_args),
+>>>>>>> uptest
     }
     try:
         for name, step in steps.items():

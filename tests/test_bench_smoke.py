@@ -43,6 +43,9 @@ def test_every_workload_runs_and_verifies_in_quick_mode() -> None:
         "upload 16 MiB",
         "tunnel 16 MiB client -> sandbox",
         "tunnel 16 MiB sandbox -> client",
+        "upgrade (5): trigger -> new image accepting p99",
+        "upgrade (5): stream gap, client side p50",
+        "upgrade (5): lost or duplicated bytes: 0",
     ):
         assert workload in table, table
     if shutil.which("websocketd"):
