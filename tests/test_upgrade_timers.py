@@ -36,6 +36,10 @@ from tests.upgrade_helpers import (
 EARLY = 0.1
 LATE = 0.1 + 0.3
 GRACE = 3.0
+#: Long enough that every deadline falls after the new image is up, even when the swap
+#: (pre-flight, the 1 s exec-window sleep, start-up) takes 4 s on a loaded machine: a
+#: deadline inside the swap can only fire once the new image runs.
+TIMEOUT, IDLE, TTL = 10, 9, 9
 
 
 async def _thread(function: Any, *args: Any) -> Any:
@@ -69,16 +73,16 @@ async def _until_gone(address: str, command_id: str) -> float:
 async def test_timeout_idle_and_ttl_fire_at_their_original_deadlines_across_an_upgrade() -> None:
     with upgrade_daemon(fault="exec-window-sleep=1") as daemon, trio.fail_after(60):
         ws_url = f"ws://{daemon.address}/execute/ws"
-        timed = Follower(ws_url, Command("timeout", "sleep 30", 0), {"timeout_seconds": 6})
+        timed = Follower(ws_url, Command("timeout", "sleep 30", 0), {"timeout_seconds": TIMEOUT})
         async with trio.open_nursery() as nursery:
             await nursery.start(timed.run)
             # idle: the only client leaves before the upgrade, so no grace applies
             async with exec_socket(ws_url) as idle_client:
-                started = await idle_client.start(command="sleep 30", idle_timeout_seconds=5)
+                started = await idle_client.start(command="sleep 30", idle_timeout_seconds=IDLE)
             idle_id, idle_left = started["command_id"], time.time()
             # ttl: a command that is over at once
             async with exec_socket(ws_url) as ttl_client:
-                started = await ttl_client.start(command="true", ttl_seconds=5, close_stdin=True)
+                started = await ttl_client.start(command="true", ttl_seconds=TTL, close_stdin=True)
                 assert (await ttl_client.recv_until("exit"))["exit_code"] == 0
             ttl_id = started["command_id"]
             ended = await _thread(session, daemon.address, ttl_id)
@@ -97,9 +101,9 @@ async def test_timeout_idle_and_ttl_fire_at_their_original_deadlines_across_an_u
     assert timed.closes == [1001], f"the upgrade did not straddle the timers: {timed.closes}"
     assert timed.terminal is not None and timed.terminal.get("error_type") == "CommandTimeout"
     misses = [
-        _on_time("timeout", timed.ended_at, timed.started_at + 6),
-        _on_time("idle timeout", idle_row["ended_at"], idle_left + 5),
-        _on_time("ttl", ttl_gone, ended["ended_at"] + 5),
+        _on_time("timeout", timed.ended_at, timed.started_at + TIMEOUT),
+        _on_time("idle timeout", idle_row["ended_at"], idle_left + IDLE),
+        _on_time("ttl", ttl_gone, ended["ended_at"] + TTL),
     ]
     # (the daemon's own view of the timeout: its session's start and end, wall clock)
     assert timed_row is not None

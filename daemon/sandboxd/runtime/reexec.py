@@ -34,6 +34,9 @@ SWAP_SIGNALS = frozenset(
 FAULT_VARIABLE = "SANDBOXD_TEST_UPGRADE_FAULT"
 #: The old image's argv, for a rollback from a new image that refuses the state.
 ROLLBACK_VARIABLE = "SANDBOXD_UPGRADE_ROLLBACK"
+#: The old image's environment (JSON), so that a rollback runs with it and not with
+#: whatever the candidate (a wrapper, say) changed.
+ROLLBACK_ENV_VARIABLE = "SANDBOXD_UPGRADE_ROLLBACK_ENV"
 #: Why the new image rolled back (for the old image's ``last_upgrade``).
 REASON_VARIABLE = "SANDBOXD_UPGRADE_REASON"
 #: The listening fd, for a fresh start after a handover that failed both ways.
@@ -180,6 +183,25 @@ def decode_argv(text: str) -> list[str] | None:
     except ValueError:
         return None
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def encode_environ(environ: Mapping[str, str]) -> str:
+    """An environment for an environment variable (without this module's own)."""
+    internal = (ROLLBACK_VARIABLE, ROLLBACK_ENV_VARIABLE, REASON_VARIABLE, LISTEN_FD_VARIABLE)
+    return json.dumps({k: v for k, v in environ.items() if k not in internal})
+
+
+def decode_environ(text: str) -> dict[str, str] | None:
+    """An environment back from ``encode_environ``; None when it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
         return value
     return None
 

@@ -113,7 +113,12 @@ def resume(fd: int, rollback_of: str | None) -> Resumed:
             to_version=__version__,
         )
         generation = state.generation + 1
-    for name in (reexec.ROLLBACK_VARIABLE, reexec.REASON_VARIABLE, reexec.LISTEN_FD_VARIABLE):
+    for name in (
+        reexec.ROLLBACK_VARIABLE,
+        reexec.ROLLBACK_ENV_VARIABLE,
+        reexec.REASON_VARIABLE,
+        reexec.LISTEN_FD_VARIABLE,
+    ):
         os.environ.pop(name, None)
     return Resumed(state, sock, generation, last, swap)
 
@@ -125,7 +130,12 @@ def _roll_back(fd: int, reason: str) -> None:
         return
     args, _ = reexec.strip_internal(argv)
     full = [*args, "--resume-fd", str(fd), "--rollback-of", __version__]
-    environ = dict(os.environ)
+    # The old image's own environment: not what a candidate (a wrapper) changed.
+    old = reexec.decode_environ(os.environ.get(reexec.ROLLBACK_ENV_VARIABLE, ""))
+    environ = dict(os.environ) if old is None else old
+    listen = os.environ.get(reexec.LISTEN_FD_VARIABLE)
+    if listen is not None:
+        environ[reexec.LISTEN_FD_VARIABLE] = listen
     environ[reexec.REASON_VARIABLE] = reason[:1000]
     log.warning("upgrade refused by the new image; rolling back", extra={"reason": reason})
     for handler in logging.getLogger().handlers:
@@ -160,7 +170,7 @@ def _fresh(fd: int, from_version: str, reason: str) -> Resumed:
     if fd not in keep:
         with contextlib.suppress(OSError):
             os.close(fd)
-    for name in (reexec.ROLLBACK_VARIABLE, reexec.REASON_VARIABLE):
+    for name in (reexec.ROLLBACK_VARIABLE, reexec.ROLLBACK_ENV_VARIABLE, reexec.REASON_VARIABLE):
         os.environ.pop(name, None)
     last = UpgradeRecord(
         result="refused",

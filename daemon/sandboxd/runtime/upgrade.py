@@ -296,6 +296,7 @@ class Upgrader:
         carried_fds = [self._listen_fd, *fds, memfd]
         environ = dict(os.environ)
         environ[reexec.ROLLBACK_VARIABLE] = reexec.encode_argv(state.rollback_argv)
+        environ[reexec.ROLLBACK_ENV_VARIABLE] = reexec.encode_environ(os.environ)
         environ[reexec.LISTEN_FD_VARIABLE] = str(self._listen_fd)
         environ.pop(reexec.REASON_VARIABLE, None)
         full = [*argv, "--resume-fd", str(memfd)]
