@@ -185,6 +185,7 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
     args = list(sys.argv[1:] if argv is None else argv)
     args, internal = reexec.strip_internal(args)
     if "--verify-state-fd" in internal:  # a candidate's pre-flight check
+        parse_args(_token_out_of_argv(args)[0], os.environ)  # (exits 2 on what it refuses)
         sys.exit(verify(int(internal["--verify-state-fd"])))
     rest, token = _token_out_of_argv(args)
     if may_reexec is None:

@@ -141,6 +141,10 @@ async def serve(
                 swap = (time.monotonic_ns() - state.snapshot_monotonic_ns) / 1e9
                 now = trio.current_time() - max(0.0, swap)  # the swap counts as time passed
                 for live in carried.rebuild(supervisor, state.sessions, now):
+                    if live.core.grace_until is not None:
+                        # The grace counts from now, when the clients can come back: a
+                        # slow swap must not eat it.
+                        live.core.grace_until = trio.current_time() + config.upgrade_grace
                     supervisor.adopt(live)
                 supervisor.restore_counts(
                     state.expired_keys, state.commands_started, state.orphans_reaped

@@ -25,12 +25,12 @@ FAULT = "SANDBOXD_TEST_UPGRADE_FAULT"
 #: Interleaved stdout/stderr with pauses: about 2.5 s.
 PIPE = (
     'for i in $(seq 1 2500); do echo "out $i"; echo "err $i" >&2; '
-    "if [ $((i % 100)) = 0 ]; then sleep 0.1; fi; done"
+    "if [ $((i % 100)) = 0 ]; then sleep 0.3; fi; done"
 )
 PIPE_OUT = "".join(f"out {i}\n" for i in range(1, 2501))
 PIPE_ERR = "".join(f"err {i}\n" for i in range(1, 2501))
 #: A PTY command (its newlines become CRLF).
-PTY = 'for i in $(seq 1 2000); do echo "pty $i"; if [ $((i % 80)) = 0 ]; then sleep 0.1; fi; done'
+PTY = 'for i in $(seq 1 2000); do echo "pty $i"; if [ $((i % 80)) = 0 ]; then sleep 0.3; fi; done'
 PTY_OUT = "".join(f"pty {i}\r\n" for i in range(1, 2001))
 
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Callable
 
 import h11
@@ -85,6 +86,7 @@ class App:
         self.upgrade_status = UpgradeStatus()
         self.upgrader: Upgrader | None = None
         self.background: trio.Nursery | None = None  # where a committed upgrade runs
+        self._uploading = False  # a candidate's body is being received
         self.tunnels: set[tuple[trio.CancelScope, MessageTransport]] = set()
         self.in_flight = 0  # HTTP requests being served (but those of _NOT_DRAINED/SSE)
         self.requests = 0  # every HTTP request being served
@@ -277,24 +279,36 @@ class App:
         try:
             if self.upgrader is None or self.background is None:
                 raise UpgradeRefused("live upgrades are not available in this daemon")
-            candidate = await self._receive_artifact(receive)
-            argv = await self.upgrader.prepare(candidate)
+            # Refused before a byte of the body is written: a second upload must never
+            # replace a candidate that is being (or was) checked.
+            self.upgrader.check_can_start()
+            if self._uploading:
+                raise UpgradeRefused("another upgrade is under way")
+            self._uploading = True
+            try:
+                candidate = await self._receive_artifact(scope, receive)
+                argv = await self.upgrader.prepare(candidate)
+            finally:
+                self._uploading = False
         except UpgradeRefused as exc:
             detail = {"error": exc.error_type, "message": exc.message}
             await respond_json(send, 409, {**detail, "detail": detail})
             return
         status = self.upgrade_status
+        # (started first: should the answer fail, the upgrade still goes on, never hangs)
+        self.background.start_soon(self.upgrader.commit, argv)
         await respond_json(
             send, 202, {"generation": status.generation + 1, "from_version": __version__}
         )
-        self.background.start_soon(self.upgrader.commit, argv)
 
-    async def _receive_artifact(self, receive: Receive) -> list[str] | None:
-        """Write a non-empty body to ``sandboxd.next`` beside the running executable;
-        the candidate's argv (None: no body)."""
+    async def _receive_artifact(self, scope: Scope, receive: Receive) -> list[str] | None:
+        """Write a non-empty body (``Content-Type: application/octet-stream``, which a
+        browser cannot send cross-site without a CORS pre-flight) to ``sandboxd.next``
+        beside the running executable; the candidate's argv (None: no body)."""
         assert self.upgrader is not None
         path = reexec.next_path(os.environ)
-        temp = f"{path}.{os.getpid()}.part"
+        content_type = (header(scope, "content-type") or "").split(";")[0].strip().lower()
+        temp = ""
         fd = -1
         size = 0
         try:
@@ -308,8 +322,13 @@ class App:
                     if size > ARTIFACT_MAX_BYTES:
                         raise PayloadTooLarge(f"artifact over {ARTIFACT_MAX_BYTES} bytes")
                     if fd < 0:
-                        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-                        fd = os.open(temp, flags, 0o755)
+                        if content_type != "application/octet-stream":
+                            raise UpgradeRefused(
+                                "a candidate is sent as Content-Type: application/octet-stream"
+                            )
+                        # a fresh name of its own (O_EXCL: never a planted file or link)
+                        directory, name = os.path.split(path)
+                        fd, temp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
                     while chunk:
                         chunk = chunk[os.write(fd, chunk) :]
                 if not event.get("more_body", False):
@@ -320,11 +339,13 @@ class App:
             os.close(fd)
             fd = -1
             os.replace(temp, path)
+            temp = ""
         except OSError as exc:
             raise UpgradeRefused(f"cannot write the candidate to {path}: {exc.strerror}") from None
         finally:
             if fd >= 0:
                 os.close(fd)
+            if temp:  # not renamed (a refusal) leaves nothing; renamed, it is gone already
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
         return [path, *self.upgrader.daemon_args]

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 
 from sandboxd import __version__
+from sandboxd.core.carry import restore_core, restore_ring
 from sandboxd.core.handover import HandoverRefused, HandoverState, UpgradeRecord, unseal
+from sandboxd.core.ringbuffer import BufferPool
 from sandboxd.runtime import carried, reexec
 
 log = logging.getLogger("sandboxd.upgrade")
@@ -48,6 +50,16 @@ def verify(fd: int) -> int:
         carried.check_pids(
             state.sessions, parent, gone_ok=True
         )  # (its fds are the daemon's, not here)
+        # Every session as the new image will rebuild it (a state or reason this code
+        # does not know fails here, before the daemon gives up control).
+        pool = BufferPool(1 << 62)
+        for record in state.sessions:
+            restore_core(
+                record.core,
+                0.0,
+                restore_ring(record.stdout.ring, pool.ring(record.stdout.ring.capacity)),
+                restore_ring(record.stderr.ring, pool.ring(record.stderr.ring.capacity)),
+            )
     except (HandoverRefused, ValueError, OSError, ImportError) as exc:
         reason = exc.reason if isinstance(exc, HandoverRefused) else str(exc)
         print(f"sandboxd {__version__} refuses the state: {reason}", file=sys.stderr)

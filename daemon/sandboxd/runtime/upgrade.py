@@ -153,6 +153,17 @@ class Upgrader:
 
     # ---- the steps ------------------------------------------------------------------
 
+    def check_can_start(self) -> None:
+        """Raise ``UpgradeRefused`` if an upgrade cannot start now."""
+        if not self._config.upgrade:
+            raise UpgradeRefused("live upgrades are disabled (--no-upgrade)")
+        if self._context is None:
+            raise UpgradeRefused("this daemon runs inside another program: no live upgrade")
+        if self.status.in_progress:
+            raise UpgradeRefused("another upgrade is under way")
+        if self._supervisor.shutting_down:
+            raise UpgradeRefused("sandboxd is shutting down")
+
     async def prepare(self, candidate: Sequence[str] | None = None) -> list[str]:
         """Check and drain; the candidate's argv (without ``--resume-fd``). Raises
         ``UpgradeRefused`` (then nothing changed)."""
@@ -180,10 +191,17 @@ class Upgrader:
                     "in-flight HTTP requests did not finish within "
                     f"{self._config.upgrade_drain_seconds} s (--upgrade-drain-seconds)"
                 )
+            if self._supervisor.shutting_down:  # a stop began meanwhile: a stop stays a stop
+                raise UpgradeRefused("sandboxd is shutting down")
         except UpgradeRefused as exc:
             self._undo()
             record(self.status, "refused", exc.message)
             raise
+        except Exception as exc:  # (EMFILE, ENOMEM...): a refusal, never a dead daemon
+            self._undo()
+            log.exception("upgrade failed before the swap")
+            record(self.status, "refused", f"{type(exc).__name__}: {exc}")
+            raise UpgradeRefused(f"the upgrade failed: {type(exc).__name__}: {exc}") from None
         except BaseException:
             self._undo()
             raise
@@ -199,7 +217,13 @@ class Upgrader:
             # No worker thread may be mid-spawn at the exec (the child would be lost);
             # new spawns are refused, so this ends.
             await self._supervisor.wait_no_spawns()
-            reason = self._exec(argv)  # no await from the snapshot to the exec
+            if self._supervisor.shutting_down:  # a stop began meanwhile: it goes on
+                reason = "sandboxd is shutting down"
+            else:
+                reason = self._exec(argv)  # no await from the snapshot to the exec
+        except Exception as exc:  # (EMFILE, ENOMEM...): a refusal, never a dead daemon
+            log.exception("upgrade failed at the swap")
+            reason = f"{type(exc).__name__}: {exc}"
         except BaseException:
             self._undo()
             raise
@@ -208,7 +232,8 @@ class Upgrader:
         record(self.status, "refused", reason)
 
     async def run(self, candidate: Sequence[str] | None = None) -> None:
-        """Both steps (the SIGUSR2 trigger); a refusal is logged and recorded."""
+        """Both steps (the SIGUSR2 trigger); a refusal (any failure) is logged and
+        recorded, never raised."""
         try:
             argv = await self.prepare(candidate)
         except UpgradeRefused:
@@ -280,9 +305,11 @@ class Upgrader:
                         chunks.append(data)
             await done.wait()
         if timer.cancelled_caught:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            await done.wait()
+            with trio.move_on_after(5.0):  # (one that cannot die: refused all the same)
+                await done.wait()
+            codes.append(-1)
             chunks.append(b"(timed out)")
         return codes[0], b"".join(chunks)
 
