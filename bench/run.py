@@ -559,13 +559,10 @@ async def main(argv: list[str]) -> int:
         "slow_consumer": lambda: bench.slow_consumer(sandboxd),
         "memory": lambda: bench.memory(sandboxd_args),
         "replay": lambda: bench.replay(sandboxd),
-<<<<<<< HEAD
         "sdk_files": lambda: dataplane.sdk_files(bench, sandboxd),
         "files": lambda: dataplane.files(bench, sandboxd),
         "tunnel": lambda: dataplane.tunnel(bench, sandboxd),
-=======
         "upgrade": lambda: bench.upgrade(sandboxd_args),
->>>>>>> uptest
     }
     try:
         for name, step in steps.items():
