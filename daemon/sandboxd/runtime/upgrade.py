@@ -145,6 +145,7 @@ class Upgrader:
         self._notifier = notifier
         self._faults = reexec.faults(os.environ)
         self._trigger_ns = 0
+        self._marks: dict[str, int] = {}  # monotonic ns of each step (the exec log line)
 
     @property
     def daemon_args(self) -> list[str]:
@@ -166,15 +167,18 @@ class Upgrader:
             raise UpgradeRefused("sandboxd is shutting down")
         self.status.in_progress = True
         self._trigger_ns = time.monotonic_ns()
+        self._marks = {}
         args = self._context.daemon_args
         argv = list(candidate) if candidate else reexec.installed_program(args, os.environ)
         try:
             if "skip-preflight" not in self._faults:
                 await self._preflight(argv)
+            self._marks["preflight"] = time.monotonic_ns()
             self._supervisor.upgrading = True
             self._notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self._frontend.pause_accepting()
             drained = await self._frontend.wait_drained(self._config.upgrade_drain_seconds)
+            self._marks["drained"] = time.monotonic_ns()
             if not drained:
                 raise UpgradeRefused(
                     "in-flight HTTP requests did not finish within "
@@ -195,7 +199,9 @@ class Upgrader:
             now = trio.current_time()
             for live in self._supervisor.sessions.values():
                 live.core.begin_grace(now, self._config.upgrade_grace)
+            self._marks["commit"] = time.monotonic_ns()
             await self._frontend.close_for_upgrade(CLOSE_SECONDS)
+            self._marks["closed"] = time.monotonic_ns()
             # No worker thread may be mid-spawn at the exec (the child would be lost);
             # new spawns are refused, so this ends.
             await self._supervisor.wait_no_spawns()
@@ -312,9 +318,24 @@ class Upgrader:
         try:
             for fd in carried_fds:
                 os.set_inheritable(fd, True)
+            steps = {
+                f"trigger_to_{name}_ms": round((ns - self._trigger_ns) / 1e6, 3)
+                for name, ns in self._marks.items()
+            }
+            steps["trigger_to_snapshot_ms"] = round(
+                (state.snapshot_monotonic_ns - self._trigger_ns) / 1e6, 3
+            )
+            steps["snapshot_to_exec_ms"] = round(
+                (time.monotonic_ns() - state.snapshot_monotonic_ns) / 1e6, 3
+            )
             log.info(
                 "upgrade exec",
-                extra={"argv": full[:1], "sessions": len(state.sessions), "blob_bytes": len(blob)},
+                extra={
+                    "argv": full[:1],
+                    "sessions": len(state.sessions),
+                    "blob_bytes": len(blob),
+                    **steps,
+                },
             )
             _flush_logs()
             sleep = self._faults.get("exec-window-sleep")
