@@ -25,7 +25,7 @@ import trio
 from sandboxd import __version__
 from sandboxd.core.config import Config
 from sandboxd.endpoints.tunnel import PortPolicy
-from sandboxd.runtime import reexec
+from sandboxd.runtime import reexec, verified
 from sandboxd.runtime.logs import setup_logging
 from sandboxd.runtime.memory import limit_malloc_arenas
 from sandboxd.runtime.notify import Notifier, activated_socket
@@ -202,13 +202,16 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
     config = parse_args(args, os.environ)
     setup_logging(config.log_level)
     resumed = None
+    identity = verified.take_from_environment()
     if "--resume-fd" in internal:  # a live upgrade's new image (or its rollback)
         fd = internal["--resume-fd"]
         resumed = resume(int(fd) if fd.isdigit() else -1, internal.get("--rollback-of"))
         from sandboxd.cli import STARTED_NS
 
         resumed.marks.update(started=STARTED_NS, imported=entered_ns, resumed=time.monotonic_ns())
-    upgrade = UpgradeContext(daemon_args=rest) if may_reexec else None
+    if resumed is None or resumed.last is None or resumed.last.result != "ok":
+        identity = None  # (only an image that adopted the state is the verified candidate)
+    upgrade = UpgradeContext(daemon_args=rest, verified=identity) if may_reexec else None
     _ensure_standard_fds()
     os.chdir("/")  # commands get their own work dir; the daemon holds no directory
     for signo in JOB_CONTROL_SIGNALS:
