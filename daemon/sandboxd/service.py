@@ -16,6 +16,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from sandboxd.core.config import Config
 from sandboxd.core.handover import HandoverState
+from sandboxd.core.session import SessionState
 from sandboxd.http import wsoptions
 from sandboxd.http.app import App
 from sandboxd.http.listener import AcceptControl, LeanOptions, serve_http
@@ -171,7 +172,10 @@ async def serve(
                 swap = (time.monotonic_ns() - state.snapshot_monotonic_ns) / 1e9
                 now = trio.current_time() - max(0.0, swap)  # the swap counts as time passed
                 for live in carried.rebuild(supervisor, state.sessions, now):
-                    supervisor.adopt(live)
+                    if live.core.state is SessionState.EXPIRED:
+                        supervisor.adopt_expired(live, config.upgrade_grace)
+                    else:
+                        supervisor.adopt(live)
                 supervisor.restore_counts(
                     state.expired_keys, state.commands_started, state.orphans_reaped
                 )
