@@ -11,7 +11,11 @@ module imports nothing heavy itself, so ``sandboxd exec -- true`` starts fast.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
+
+#: When this process reached sandboxd's code (a live upgrade's new image times its start).
+STARTED_NS = time.monotonic_ns()
 
 #: The client's verbs (``sandboxd VERB --help`` for each).
 VERBS = frozenset(

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import typing
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -24,7 +25,7 @@ import trio
 from sandboxd import __version__
 from sandboxd.core.config import Config
 from sandboxd.endpoints.tunnel import PortPolicy
-from sandboxd.runtime import reexec
+from sandboxd.runtime import reexec, verified
 from sandboxd.runtime.logs import FlushBeforeWait, setup_logging
 from sandboxd.runtime.memory import limit_malloc_arenas, settle_gc
 from sandboxd.runtime.notify import Notifier, activated_socket
@@ -128,6 +129,8 @@ STOP_OVERRUN_SECONDS = 10.0
 async def _main(
     config: Config, upgrade: UpgradeContext | None = None, resumed: Resumed | None = None
 ) -> None:
+    if resumed is not None:
+        resumed.marks["trio"] = time.monotonic_ns()
     sock = resumed.sock if resumed is not None and resumed.sock is not None else None
     sock = sock or activated_socket(os.environ) or make_listen_socket(config)
     notifier = Notifier(os.environ)
@@ -182,6 +185,7 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
     ``--token`` on the command line makes the process exec itself again without it when
     ``may_reexec`` (default: when ``argv`` is this process's own).
     """
+    entered_ns = time.monotonic_ns()
     args = list(sys.argv[1:] if argv is None else argv)
     args, internal = reexec.strip_internal(args)
     if "--verify-state-fd" in internal:  # a candidate's pre-flight check
@@ -199,10 +203,16 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
     config = parse_args(args, os.environ)
     log_handler = setup_logging(config.log_level)
     resumed = None
+    identity = verified.take_from_environment()
     if "--resume-fd" in internal:  # a live upgrade's new image (or its rollback)
         fd = internal["--resume-fd"]
         resumed = resume(int(fd) if fd.isdigit() else -1, internal.get("--rollback-of"))
-    upgrade = UpgradeContext(daemon_args=rest) if may_reexec else None
+        from sandboxd.cli import STARTED_NS
+
+        resumed.marks.update(started=STARTED_NS, imported=entered_ns, resumed=time.monotonic_ns())
+    if resumed is None or resumed.last is None or resumed.last.result != "ok":
+        identity = None  # (only an image that adopted the state is the verified candidate)
+    upgrade = UpgradeContext(daemon_args=rest, verified=identity) if may_reexec else None
     _ensure_standard_fds()
     os.chdir("/")  # commands get their own work dir; the daemon holds no directory
     for signo in JOB_CONTROL_SIGNALS:

@@ -15,10 +15,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from sandboxd.core.config import Config
+from sandboxd.core.handover import HandoverState
+from sandboxd.core.session import SessionState
 from sandboxd.http import wsoptions
 from sandboxd.http.app import App
 from sandboxd.http.listener import AcceptControl, LeanOptions, serve_http
 from sandboxd.runtime import carried, memory, process, spawn
+from sandboxd.runtime.live import LiveSession
 from sandboxd.runtime.notify import Notifier
 from sandboxd.runtime.resume import Resumed
 from sandboxd.runtime.supervisor import Supervisor
@@ -93,6 +96,34 @@ class _Frontend:
         await self._control.reopen_http()
 
 
+async def _log_timing(state: HandoverState, marks: dict[str, int], supervisor: Supervisor) -> None:
+    """The ``upgrade timing`` line: each start-up step of the new image since the old
+    image's snapshot, and the first byte a carried stream read (waited for up to 2 s)."""
+    found = (supervisor.sessions.get(record.core.command_id) for record in state.sessions)
+    adopted = [live for live in found if live is not None and live.open_fds]
+    with trio.move_on_after(2.0) as scope:
+
+        async def first(live: LiveSession) -> None:
+            while not live.first_read_ns:
+                await live.wait_changed()
+            scope.cancel()
+
+        async with trio.open_nursery() as waiting:
+            for live in adopted:
+                waiting.start_soon(first, live)
+    reads = [live.first_read_ns for live in adopted if live.first_read_ns]
+    snapshot = state.snapshot_monotonic_ns
+    fields: dict[str, object] = {
+        f"snapshot_to_{name}_ms": round((ns - snapshot) / 1e6, 3) for name, ns in marks.items()
+    }
+    if reads:
+        fields["snapshot_to_first_read_ms"] = round((min(reads) - snapshot) / 1e6, 3)
+    fields["trigger_to_accepting_ms"] = round(
+        (marks["accepting"] - state.trigger_monotonic_ns) / 1e6, 3
+    )
+    log.info("upgrade timing", extra={**fields, "sessions": len(state.sessions)})
+
+
 def _hypercorn_config(config: Config) -> HypercornConfig:
     hc = HypercornConfig()
     hc.accesslog = None
@@ -145,7 +176,10 @@ async def serve(
                         # The grace counts from now, when the clients can come back: a
                         # slow swap must not eat it.
                         live.core.grace_until = trio.current_time() + config.upgrade_grace
-                    supervisor.adopt(live)
+                    if live.core.state is SessionState.EXPIRED:
+                        supervisor.adopt_expired(live, config.upgrade_grace)
+                    else:
+                        supervisor.adopt(live)
                 supervisor.restore_counts(
                     state.expired_keys, state.commands_started, state.orphans_reaped
                 )
@@ -187,16 +221,9 @@ async def serve(
                 swap_ms = (time.monotonic_ns() - state.snapshot_monotonic_ns) / 1e6
                 status.last.swap_ms = round(swap_ms, 3)
                 log_upgrade(status)
-                log.info(
-                    "upgrade timing",
-                    extra={
-                        "trigger_to_accepting_ms": round(
-                            (time.monotonic_ns() - state.trigger_monotonic_ns) / 1e6, 3
-                        ),
-                        "snapshot_to_accepting_ms": round(swap_ms, 3),
-                        "sessions": len(state.sessions),
-                    },
-                )
+                assert resumed is not None
+                resumed.marks["accepting"] = time.monotonic_ns()
+                nursery.start_soon(_log_timing, state, resumed.marks, supervisor)
             elif status.last is not None:
                 log_upgrade(status)
             log.info("listening", extra={"address": address})

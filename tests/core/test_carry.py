@@ -90,12 +90,26 @@ def test_a_timer_fires_at_its_original_deadline_across_a_snapshot() -> None:
     assert restored.on_timer(5005.0) == []
 
 
-def test_an_expired_session_is_not_carried() -> None:
+def test_an_expired_session_crosses_as_expired_with_its_end() -> None:
+    pool = BufferPool(1 << 20)
+    session = Session("c", 1, Lifetimes(ttl_seconds=0), pool.ring(1 << 16), pool.ring(1 << 16), 0.0)
+    session.state = SessionState.EXPIRED
+    session.ended_at, session.end_reason = 0.5, EndReason.EXITED
+    session.status = ExitStatus(3, None, 0.0, None)
+    state = snapshot_core(session, 1.0)
+    assert state.expired and state.state == "finished"
+    restored = restore_core(state, 10.0, pool.ring(1 << 16), pool.ring(1 << 16))
+    assert restored.state is SessionState.EXPIRED
+    assert restored.status == session.status and restored.ended_at == pytest.approx(9.5)
+
+
+def test_an_expired_session_that_never_finished_is_refused() -> None:
     pool = BufferPool(1 << 20)
     session = Session("c", 1, Lifetimes(), pool.ring(1 << 16), pool.ring(1 << 16), 0.0)
-    session.state = SessionState.EXPIRED
+    state = snapshot_core(session, 1.0)
+    state.expired = True
     with pytest.raises(ValueError, match="expired"):
-        snapshot_core(session, 1.0)
+        restore_core(state, 2.0, pool.ring(1 << 16), pool.ring(1 << 16))
 
 
 @settings(max_examples=200, deadline=None)

@@ -19,7 +19,7 @@ from sandboxd.core.config import Config
 from sandboxd.core.errors import CommandNotFound, SessionExpired
 from sandboxd.core.messages import Execute, Exit
 from sandboxd.core.session import Attachment, ExitStatus, SessionState, Stream
-from sandboxd.runtime import process, spawn
+from sandboxd.runtime import carried, process, spawn
 from sandboxd.runtime.supervisor import STDIN_BUFFER_CAP, LiveSession, Supervisor
 
 
@@ -371,3 +371,51 @@ async def test_a_ttl_expiry_keeps_the_output_for_clients_still_reading_it(
     assert live.core.read(reader, Stream.STDOUT, 200_000).data == b"y" * 100_000
     supervisor.detach(live, reader)
     assert supervisor.pool.total == 0
+
+
+async def _carried_expired(
+    supervisor: Supervisor, children: FakeChildren, nursery: trio.Nursery, output: bytes
+) -> Supervisor:
+    """A ttl-0 session a client still reads, carried into a new supervisor (a live
+    upgrade's capture and rebuild, in one process) with a grace of 30 s."""
+    await finish_with_output(supervisor, children, output, 1, ttl_seconds=0)
+    records = carried.capture(supervisor, trio.current_time())
+    assert [r.core.expired for r in records] == [True]
+    after = Supervisor(Config(), children.reaper, nursery)
+    (live,) = carried.rebuild(after, records, trio.current_time())
+    after.restore_counts(supervisor.expired_keys(), 0, 0)
+    assert live.core.state is SessionState.EXPIRED
+    after.adopt_expired(live, 30.0)
+    return after
+
+
+async def test_a_carried_expired_session_serves_its_returning_client_once(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    output = b"z" * 100_000
+    async with trio.open_nursery() as nursery:
+        after = await _carried_expired(supervisor, children, nursery, output)
+        await trio.sleep(29)
+        live = after.lookup("c1")  # its client, back within the grace
+        attachment = after.attach(live, 10, 0)
+        assert live.core.read(attachment, Stream.STDOUT, len(output)).data == output[10:]
+        with pytest.raises(SessionExpired):  # nobody else, from then on
+            after.lookup("c1")
+        assert after.pool.total == len(output)
+        after.detach(live, attachment)
+        assert after.pool.total == 0 and after.unread == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_carried_expired_session_nobody_came_back_for_is_freed_after_the_grace(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    supervisor, children = fakes
+    async with trio.open_nursery() as nursery:
+        after = await _carried_expired(supervisor, children, nursery, b"z" * 100_000)
+        await trio.sleep(30.5)
+        with pytest.raises(SessionExpired):
+            after.lookup("c1")
+        assert after.pool.total == 0 and after.unread == {}
+        nursery.cancel_scope.cancel()

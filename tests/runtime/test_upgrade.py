@@ -60,6 +60,7 @@ class Follower:
     closes: list[int | None] = field(default_factory=list)
     terminal: dict[str, Any] | None = None
     command_id: str | None = None
+    pause: float = 0.0  # after each output frame (a slow reader)
 
     async def run(self) -> None:
         while self.terminal is None:
@@ -91,6 +92,7 @@ class Follower:
                         assert frame["offset"] == self.offsets[kind], (kind, frame["offset"])
                         self.offsets[kind] += len(frame["data"].encode())
                         (self.out if kind == "stdout" else self.err).append(frame["data"])
+                        await trio.sleep(self.pause)
                     elif kind in ("exit", "error"):
                         self.terminal = frame
                         return
@@ -405,3 +407,39 @@ async def test_the_upgrade_verb_returns_once_the_new_image_serves(
             )
             assert done.returncode == 0, done.stderr
             assert (await healthz(daemon.address))["generation"] == 1
+
+
+async def test_an_expired_session_a_client_still_reads_is_carried_to_its_end(
+    daemon_env: pytest.MonkeyPatch,
+) -> None:
+    """ttl 0: the session leaves the registry as its command ends, while its slow client
+    has most of the output still to read; after the upgrade that client reconnects at
+    its offsets and reads every byte and the exit (a stranger gets SessionExpired)."""
+    size = 8_000_000
+    command = f"head -c {size} /dev/zero | tr '\\0' a"
+    with daemon_process("--stop-grace", "1") as daemon:
+        address = daemon.address
+        with trio.fail_after(90), _explained(daemon, []):
+            reader = Follower(
+                address, {"command": command, "close_stdin": True, "ttl_seconds": 0}, pause=1.0
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader.run)
+                await trio.sleep(1.5)  # the command ended and its session expired
+                assert reader.command_id is not None
+                assert reader.offsets["stdout"] < size // 2
+                daemon.process.send_signal(signal.SIGUSR2)
+                await wait_generation(address, 1)
+                reader.pause = 0.0
+            # (1006 when the close frame did not fit the unread socket buffer)
+            assert reader.closes and set(reader.closes) <= {1001, 1006}, reader.closes
+            assert reader.terminal is not None and reader.terminal["type"] == "exit", (
+                reader.terminal
+            )
+            assert reader.terminal["exit_code"] == 0
+            assert reader.stdout == "a" * size
+            stranger = Follower(address, {})
+            stranger.command_id = reader.command_id
+            await stranger.run()
+            assert stranger.terminal is not None
+            assert stranger.terminal.get("error_type") == "SessionExpired"

@@ -48,10 +48,9 @@ def _ago(now: float, when: float | None) -> float | None:
 
 
 def snapshot_core(session: Session, now: float) -> CoreState:
-    """``session`` (a running or finished one) without its clients, its times made
-    durations before ``now``."""
-    if session.state is SessionState.EXPIRED:
-        raise ValueError("an expired session is not carried")
+    """``session`` without its clients, its times made durations before ``now`` (an
+    expired one is carried as finished with ``expired``: a client still reads it)."""
+    expired = session.state is SessionState.EXPIRED
     lt = session.lifetimes
     grace = session.grace_until
     return CoreState(
@@ -62,7 +61,8 @@ def snapshot_core(session: Session, now: float) -> CoreState:
         ttl_seconds=lt.ttl_seconds,
         kill_on_disconnect=lt.kill_on_disconnect,
         stall_seconds=session.stall_seconds,
-        state=session.state.value,
+        state=SessionState.FINISHED.value if expired else session.state.value,
+        expired=expired,
         started_ago=now - session.started_at,
         idle_ago=_ago(now, session.idle_since),
         ended_ago=_ago(now, session.ended_at),
@@ -74,8 +74,9 @@ def snapshot_core(session: Session, now: float) -> CoreState:
 
 
 def restore_core(state: CoreState, now: float, stdout: RingBuffer, stderr: RingBuffer) -> Session:
-    """The session ``state`` describes, its times put back before/after ``now``; raises
-    ``ValueError`` on a state that names no known state or reason."""
+    """The session ``state`` describes, its times put back before/after ``now`` (EXPIRED
+    when it crossed ``expired``); raises ``ValueError`` on a state that names no known
+    state or reason."""
     session = Session(
         command_id=state.command_id,
         pid=state.pid,
@@ -104,4 +105,8 @@ def restore_core(state: CoreState, now: float, stdout: RingBuffer, stderr: RingB
         session.ended_at is None or session.status is None or session.end_reason is None
     ):
         raise ValueError("a finished session without its end")
+    if state.expired:
+        if session.state is not SessionState.FINISHED:
+            raise ValueError("an expired session that did not finish")
+        session.state = SessionState.EXPIRED
     return session

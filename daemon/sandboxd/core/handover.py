@@ -104,6 +104,9 @@ class CoreState(_Strict):
     kill_reason: str | None = None
     end_reason: str | None = None
     status: ExitState | None = None
+    #: A finished session whose TTL ran out while a client still read it: it crosses
+    #: only for that client (out of the registry; an older image refuses the blob).
+    expired: bool = False
 
 
 class SessionRecord(_Strict):

@@ -34,11 +34,13 @@ def _stream(live: LiveSession, stream: Stream) -> StreamState:
 
 
 def capture(supervisor: Supervisor, now: float) -> list[SessionRecord]:
-    """Every session in the registry, as it is at this instant."""
+    """Every session in the registry, and every expired one a client still reads, as it
+    is at this instant."""
     records: list[SessionRecord] = []
-    for live in supervisor.sessions.values():
+    for live in [*supervisor.sessions.values(), *supervisor.unread.values()]:
         core = live.core
-        if core.state is SessionState.EXPIRED:
+        read = core.attachments or core.watchers or live.command_id in supervisor.returning
+        if core.state is SessionState.EXPIRED and not read:
             continue
         pending, closing, terminal_open = live.stdin_state()
         running = core.state is SessionState.RUNNING
@@ -138,7 +140,7 @@ def rebuild(supervisor: Supervisor, records: list[SessionRecord], now: float) ->
                 live.sanitizers[stream] = sanitizer
         live.input_open = child.input_fd is not None
         live.restore_stdin(record.stdin_pending, record.stdin_closing, record.terminal_open)
-        if core.state is SessionState.FINISHED:
+        if core.state in (SessionState.FINISHED, SessionState.EXPIRED):
             assert core.status is not None
             live.on_reaped(core.status)
             pool.retire(stdout)

@@ -54,6 +54,7 @@ class LiveSession:
             self.open_fds[Stream.STDERR] = child.error_fd
         self.input_open = child.input_fd is not None
         self.sanitizers: dict[Stream, Utf8Sanitizer] = {}
+        self.first_read_ns = 0  # (monotonic: an upgrade times its stream gap)
 
     def stdin_state(self) -> tuple[bytes, bool, bool]:
         """Queued stdin not yet written, whether stdin is closing, whether the terminal
@@ -209,6 +210,8 @@ class LiveSession:
                     if data is None:
                         await trio.lowlevel.wait_readable(fd)
                         continue
+                    if not self.first_read_ns:
+                        self.first_read_ns = time.monotonic_ns()
                     clean = sanitizer.feed(data)
                     if clean:
                         ring.append(clean)

@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sandboxd import __version__
 from sandboxd.core.carry import restore_core, restore_ring
@@ -36,6 +36,8 @@ class Resumed:
     generation: int
     last: UpgradeRecord | None
     swap_seconds: float = 0.0
+    #: monotonic ns of the new image's start-up steps (for the ``upgrade timing`` line).
+    marks: dict[str, int] = field(default_factory=dict)
 
 
 def verify(fd: int) -> int:

@@ -73,6 +73,10 @@ class Supervisor:
         self.sessions: dict[str, LiveSession] = {}
         self._starting: dict[str, trio.Event] = {}
         self._expired_ids = ExpiredIds(EXPIRED_IDS_KEPT)
+        # Expired sessions out of the registry that clients still read (a live upgrade
+        # carries them), and those carried ones whose client has not come back yet.
+        self.unread: dict[str, LiveSession] = {}
+        self.returning: set[str] = set()
         self._nursery = nursery
         self.handoffs = Handoffs(self.detach, nursery, config.stall_seconds)
         self.shutting_down = False
@@ -87,6 +91,8 @@ class Supervisor:
         live = self.sessions.get(command_id)
         if live is not None:
             return live
+        if command_id in self.returning:  # (its client, back after a live upgrade)
+            return self.unread[command_id]
         if command_id in self._expired_ids:
             raise SessionExpired(f"Session expired: {command_id}")
         raise CommandNotFound(f"Command not found: {command_id}")
@@ -172,6 +178,21 @@ class Supervisor:
         self._expired_ids.discard(live.command_id)
         self._nursery.start_soon(self._supervise, live)
 
+    def adopt_expired(self, live: LiveSession, grace: float) -> None:
+        """Take over an expired session a client of the previous image was still reading:
+        a reconnect to it is served for ``grace`` seconds or until one attaches; after
+        that it is expired for everyone and its output goes with its last reader."""
+        command_id = live.command_id
+        self.unread[command_id] = live
+        self.returning.add(command_id)
+        self._nursery.start_soon(self._await_reader, live, grace)
+
+    async def _await_reader(self, live: LiveSession, grace: float) -> None:
+        await trio.sleep(grace)
+        if live.command_id in self.returning:  # nobody came back
+            self.returning.discard(live.command_id)
+            self._release_if_unread(live)
+
     # ---- clients --------------------------------------------------------------------
 
     def attach(
@@ -181,6 +202,7 @@ class Supervisor:
         attachment = live.core.attach(
             trio.current_time(), stdout_offset, stderr_offset, watch=watch
         )
+        self.returning.discard(live.command_id)  # (a carried expired session: once)
         live.reschedule()
         return attachment
 
@@ -260,12 +282,15 @@ class Supervisor:
             del self.sessions[live.command_id]
             if live.core.state is SessionState.EXPIRED:
                 self._expired_ids.add(live.command_id)
+                self.unread[live.command_id] = live
         self._release_if_unread(live)
 
     def _release_if_unread(self, live: LiveSession) -> None:
         """Free the output of a session out of the registry once no client or watcher reads it."""
         readers = live.core.attachments or live.core.watchers
         if self.sessions.get(live.command_id) is not live and not readers:
+            if self.unread.get(live.command_id) is live:
+                del self.unread[live.command_id]
             self.pool.release(live.core.stdout)
             self.pool.release(live.core.stderr)
 

@@ -33,7 +33,7 @@ from sandboxd import __version__
 from sandboxd.core.config import Config
 from sandboxd.core.errors import SandboxdError
 from sandboxd.core.handover import HandoverState, UpgradeRecord, seal
-from sandboxd.runtime import carried, reexec, spawn
+from sandboxd.runtime import carried, reexec, spawn, verified
 from sandboxd.runtime.notify import Notifier
 from sandboxd.runtime.supervisor import Supervisor
 
@@ -72,6 +72,9 @@ class UpgradeContext:
     daemon_args: list[str]
     generation: int = 0
     last: UpgradeRecord | None = None
+    #: The identity of the installed candidate that passed its pre-flight check and is
+    #: this image (``verified.identity``): upgrading to it again skips the check.
+    verified: str | None = None
 
 
 @dataclass
@@ -145,6 +148,9 @@ class Upgrader:
         self._notifier = notifier
         self._faults = reexec.faults(os.environ)
         self._trigger_ns = 0
+        self._marks: dict[str, int] = {}  # monotonic ns of each step (the exec log line)
+        self._identity: str | None = None  # of the candidate that passed (or was cached)
+        self._preflight_run = False
 
     @property
     def daemon_args(self) -> list[str]:
@@ -177,15 +183,26 @@ class Upgrader:
             raise UpgradeRefused("sandboxd is shutting down")
         self.status.in_progress = True
         self._trigger_ns = time.monotonic_ns()
+        self._marks = {}
         args = self._context.daemon_args
         argv = list(candidate) if candidate else reexec.installed_program(args, os.environ)
+        # Only what is installed is looked up in the cache: an upload is always checked.
+        identity = verified.identity(argv) if not candidate else None
+        self._identity, self._preflight_run = None, False
         try:
-            if "skip-preflight" not in self._faults:
+            if identity is not None and identity == self._context.verified:
+                self._identity = identity  # unchanged since it passed: not checked again
+            elif "skip-preflight" not in self._faults:
                 await self._preflight(argv)
+                self._preflight_run = True
+                if identity is not None and verified.identity(argv) == identity:
+                    self._identity = identity  # (what passed is what is installed now)
+            self._marks["preflight"] = time.monotonic_ns()
             self._supervisor.upgrading = True
             self._notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self._frontend.pause_accepting()
             drained = await self._frontend.wait_drained(self._config.upgrade_drain_seconds)
+            self._marks["drained"] = time.monotonic_ns()
             if not drained:
                 raise UpgradeRefused(
                     "in-flight HTTP requests did not finish within "
@@ -213,7 +230,9 @@ class Upgrader:
             now = trio.current_time()
             for live in self._supervisor.sessions.values():
                 live.core.begin_grace(now, self._config.upgrade_grace)
+            self._marks["commit"] = time.monotonic_ns()
             await self._frontend.close_for_upgrade(CLOSE_SECONDS)
+            self._marks["closed"] = time.monotonic_ns()
             # No worker thread may be mid-spawn at the exec (the child would be lost);
             # new spawns are refused, so this ends.
             await self._supervisor.wait_no_spawns()
@@ -326,6 +345,9 @@ class Upgrader:
         environ[reexec.ROLLBACK_ENV_VARIABLE] = reexec.encode_environ(os.environ)
         environ[reexec.LISTEN_FD_VARIABLE] = str(self._listen_fd)
         environ.pop(reexec.REASON_VARIABLE, None)
+        environ.pop(verified.VARIABLE, None)
+        if self._identity is not None:
+            environ[verified.VARIABLE] = self._identity
         full = [*argv, "--resume-fd", str(memfd)]
         # A process-directed signal goes to any thread that does not block it: trio's
         # idle worker threads do not, and Python would then run its handler on this
@@ -340,9 +362,25 @@ class Upgrader:
         try:
             for fd in carried_fds:
                 os.set_inheritable(fd, True)
+            steps = {
+                f"trigger_to_{name}_ms": round((ns - self._trigger_ns) / 1e6, 3)
+                for name, ns in self._marks.items()
+            }
+            steps["trigger_to_snapshot_ms"] = round(
+                (state.snapshot_monotonic_ns - self._trigger_ns) / 1e6, 3
+            )
+            steps["snapshot_to_exec_ms"] = round(
+                (time.monotonic_ns() - state.snapshot_monotonic_ns) / 1e6, 3
+            )
             log.info(
                 "upgrade exec",
-                extra={"argv": full[:1], "sessions": len(state.sessions), "blob_bytes": len(blob)},
+                extra={
+                    "argv": full[:1],
+                    "sessions": len(state.sessions),
+                    "blob_bytes": len(blob),
+                    "preflight": "run" if self._preflight_run else "skipped",
+                    **steps,
+                },
             )
             _flush_logs()
             sleep = self._faults.get("exec-window-sleep")
