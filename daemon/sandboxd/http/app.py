@@ -295,11 +295,14 @@ class App:
             await respond_json(send, 409, {**detail, "detail": detail})
             return
         status = self.upgrade_status
-        # (started first: should the answer fail, the upgrade still goes on, never hangs)
-        self.background.start_soon(self.upgrader.commit, argv)
-        await respond_json(
-            send, 202, {"generation": status.generation + 1, "from_version": __version__}
-        )
+        try:
+            await respond_json(
+                send, 202, {"generation": status.generation + 1, "from_version": __version__}
+            )
+        finally:
+            # (after the answer, whose connection the commit closes; and even if the
+            # answer failed: a prepared upgrade always goes on, it never hangs half-done)
+            self.background.start_soon(self.upgrader.commit, argv)
 
     async def _receive_artifact(self, scope: Scope, receive: Receive) -> list[str] | None:
         """Write a non-empty body (``Content-Type: application/octet-stream``, which a
