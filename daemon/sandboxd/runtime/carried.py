@@ -39,7 +39,7 @@ def capture(supervisor: Supervisor, now: float) -> list[SessionRecord]:
     records: list[SessionRecord] = []
     for live in [*supervisor.sessions.values(), *supervisor.unread.values()]:
         core = live.core
-        read = core.attachments or core.watchers or live.command_id in supervisor.returning
+        read = core.attachments or core.watchers or supervisor.awaits_reader(live.command_id)
         if core.state is SessionState.EXPIRED and not read:
             continue
         pending, closing, terminal_open = live.stdin_state()

@@ -76,7 +76,8 @@ class Supervisor:
         # Expired sessions out of the registry that clients still read (a live upgrade
         # carries them), and those carried ones whose client has not come back yet.
         self.unread: dict[str, LiveSession] = {}
-        self.returning: set[str] = set()
+        self._returning: set[str] = set()
+        self._held: set[str] = set()  # (while an upgrade closes their clients)
         self._nursery = nursery
         self.handoffs = Handoffs(self.detach, nursery, config.stall_seconds)
         self.shutting_down = False
@@ -91,7 +92,7 @@ class Supervisor:
         live = self.sessions.get(command_id)
         if live is not None:
             return live
-        if command_id in self.returning:  # (its client, back after a live upgrade)
+        if command_id in self._returning:  # (its client, back after a live upgrade)
             return self.unread[command_id]
         if command_id in self._expired_ids:
             raise SessionExpired(f"Session expired: {command_id}")
@@ -184,13 +185,34 @@ class Supervisor:
         that it is expired for everyone and its output goes with its last reader."""
         command_id = live.command_id
         self.unread[command_id] = live
-        self.returning.add(command_id)
+        self._returning.add(command_id)
         self._nursery.start_soon(self._await_reader, live, grace)
+
+    def hold_unread(self) -> None:
+        """A live upgrade is about to close every client: the expired sessions they
+        read stay (for the capture) when their clients leave."""
+        self._held.update(
+            command_id
+            for command_id, live in self.unread.items()
+            if live.core.attachments or live.core.watchers
+        )
+
+    def release_held(self) -> None:
+        """The upgrade did not happen: what ``hold_unread`` kept goes with its readers."""
+        held = [self.unread[command_id] for command_id in self._held if command_id in self.unread]
+        self._held.clear()
+        for live in held:
+            self._release_if_unread(live)
+
+    def awaits_reader(self, command_id: str) -> bool:
+        """Whether the expired session ``command_id`` is kept for a client that comes back
+        (carried from the previous image, or held while an upgrade closes its clients)."""
+        return command_id in self._returning or command_id in self._held
 
     async def _await_reader(self, live: LiveSession, grace: float) -> None:
         await trio.sleep(grace)
-        if live.command_id in self.returning:  # nobody came back
-            self.returning.discard(live.command_id)
+        if live.command_id in self._returning:  # nobody came back
+            self._returning.discard(live.command_id)
             self._release_if_unread(live)
 
     # ---- clients --------------------------------------------------------------------
@@ -202,7 +224,7 @@ class Supervisor:
         attachment = live.core.attach(
             trio.current_time(), stdout_offset, stderr_offset, watch=watch
         )
-        self.returning.discard(live.command_id)  # (a carried expired session: once)
+        self._returning.discard(live.command_id)  # (a carried expired session: once)
         live.reschedule()
         return attachment
 
@@ -287,7 +309,7 @@ class Supervisor:
 
     def _release_if_unread(self, live: LiveSession) -> None:
         """Free the output of a session out of the registry once no client or watcher reads it."""
-        readers = live.core.attachments or live.core.watchers
+        readers = live.core.attachments or live.core.watchers or self.awaits_reader(live.command_id)
         if self.sessions.get(live.command_id) is not live and not readers:
             if self.unread.get(live.command_id) is live:
                 del self.unread[live.command_id]

@@ -230,6 +230,7 @@ class Upgrader:
             now = trio.current_time()
             for live in self._supervisor.sessions.values():
                 live.core.begin_grace(now, self._config.upgrade_grace)
+            self._supervisor.hold_unread()
             self._marks["commit"] = time.monotonic_ns()
             await self._frontend.close_for_upgrade(CLOSE_SECONDS)
             self._marks["closed"] = time.monotonic_ns()
@@ -406,6 +407,7 @@ class Upgrader:
 
     def _undo(self) -> None:
         self.status.in_progress = False
+        self._supervisor.release_held()
         if self._supervisor.upgrading:
             self._supervisor.upgrading = False
             self._frontend.resume_accepting()
