@@ -173,14 +173,8 @@ class Upgrader:
     async def prepare(self, candidate: Sequence[str] | None = None) -> list[str]:
         """Check and drain; the candidate's argv (without ``--resume-fd``). Raises
         ``UpgradeRefused`` (then nothing changed)."""
-        if not self._config.upgrade:
-            raise UpgradeRefused("live upgrades are disabled (--no-upgrade)")
-        if self._context is None:
-            raise UpgradeRefused("this daemon runs inside another program: no live upgrade")
-        if self.status.in_progress:
-            raise UpgradeRefused("another upgrade is under way")
-        if self._supervisor.shutting_down:
-            raise UpgradeRefused("sandboxd is shutting down")
+        self.check_can_start()
+        assert self._context is not None
         self.status.in_progress = True
         self._trigger_ns = time.monotonic_ns()
         self._marks = {}
