@@ -77,23 +77,29 @@ class _Frontend:
         self._control.resume()
 
     async def wait_drained(self, seconds: float) -> bool:
-        drained = await self._app.wait_drained(seconds)
+        deadline = trio.current_time() + seconds
         # Connections accepted before the pause get a moment to send their request
-        # head (then they are answered 503, and retried); a silent one does not hold
-        # the upgrade up.
+        # head (then it is served, and the connection closed after the answer); a
+        # silent one does not hold the upgrade up.
         with trio.move_on_after(min(seconds, 1.0)):
             await self._control.wait_heads_read()
-        return drained
+        return await self._app.wait_drained(max(0.0, deadline - trio.current_time()))
 
     async def close_for_upgrade(self, within: float) -> None:
-        await self._app.close_for_upgrade(within)
-        # No connection may be cut mid-request by the exec: hypercorn closes its idle
-        # keep-alive connections now and busy ones after their response.
+        self._control.close()
         with trio.move_on_after(within):
-            await self._control.close_http()
+            await self._app.close_for_upgrade()
+            # No connection may be cut mid-answer by the exec: every accepted one is
+            # waited for (a 503 to a late request head, a 1001 close handshake).
+            await self._control.wait_connections_ended()
+        if self._control.connections:
+            log.info(
+                "upgrade: connections left to the exec",
+                extra={"connections": self._control.connections},
+            )
 
     async def reopen(self) -> None:
-        await self._control.reopen_http()
+        self._app.reopen_after_upgrade()
 
 
 async def _log_timing(state: HandoverState, marks: dict[str, int], supervisor: Supervisor) -> None:

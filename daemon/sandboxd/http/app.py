@@ -87,6 +87,7 @@ class App:
         self.upgrader: Upgrader | None = None
         self.background: trio.Nursery | None = None  # where a committed upgrade runs
         self._uploading = False  # a candidate's body is being received
+        self._closing_for_upgrade = False  # a committed upgrade is closing every client
         self.tunnels: set[tuple[trio.CancelScope, MessageTransport]] = set()
         self.in_flight = 0  # HTTP requests being served (but those of _NOT_DRAINED/SSE)
         self.requests = 0  # every HTTP request being served
@@ -157,6 +158,9 @@ class App:
     async def serve_websocket(self, path: str, transport: MessageTransport, peer: str) -> None:
         """Run the endpoint at ``path`` on an accepted WebSocket until it is done."""
         if path == "/tunnel":
+            if self._closing_for_upgrade:  # (accepted after the upgrade closed the others)
+                await _close_tunnel(trio.CancelScope(), transport)
+                return
             with trio.CancelScope() as scope:
                 entry = (scope, transport)
                 self.tunnels.add(entry)
@@ -172,7 +176,10 @@ class App:
         if self._no_connections.is_set():
             self._no_connections = trio.Event()
         try:
-            await connection.run()
+            if self._closing_for_upgrade:  # (accepted after the upgrade closed the others)
+                await connection.going_away()
+            else:
+                await connection.run()
         except Exception:
             log.exception("exec connection failed", extra={"peer": peer})
         finally:
@@ -253,25 +260,25 @@ class App:
             return True
         return False
 
-    async def wait_no_requests(self, seconds: float) -> None:
-        """Wait (at most ``seconds``) until no HTTP request at all is being served, so
-        that the exec cuts no response (the /admin/upgrade answer, a /healthz)."""
-        with trio.move_on_after(seconds):
-            while self.requests:
-                await self._flight_changed.wait()
-
-    async def close_for_upgrade(self, within: float) -> None:
+    async def close_for_upgrade(self) -> None:
         """Close every client for a live upgrade: exec sockets 1001 after ``started``
         (1000 before it: both SDKs re-send the execute), SSE responses end with
-        ``ack_required``, tunnels 1001."""
-        with trio.move_on_after(within):
-            async with trio.open_nursery() as nursery:
-                for connection in list(self.connections):
-                    nursery.start_soon(connection.going_away)
-                for scope, transport in list(self.tunnels):
-                    nursery.start_soon(_close_tunnel, scope, transport)
-                nursery.start_soon(self.sse.end_for_upgrade)
-        await self.wait_no_requests(within)
+        ``ack_required``, tunnels 1001; HTTP requests that come in from now on are
+        answered 503. Returns once no HTTP request is being served (the caller bounds
+        the wait: a client that stopped reading can hold a send forever)."""
+        self._closing_for_upgrade = True
+        async with trio.open_nursery() as nursery:
+            for connection in list(self.connections):
+                nursery.start_soon(connection.going_away)
+            for scope, transport in list(self.tunnels):
+                nursery.start_soon(_close_tunnel, scope, transport)
+            nursery.start_soon(self.sse.end_for_upgrade)
+        while self.requests:
+            await self._flight_changed.wait()
+
+    def reopen_after_upgrade(self) -> None:
+        """Undo ``close_for_upgrade`` (the upgrade was refused at the swap)."""
+        self._closing_for_upgrade = False
 
     async def _admin_upgrade(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /admin/upgrade``: 202 once the candidate passed the pre-flight check and
@@ -366,7 +373,9 @@ class App:
                 raise MethodNotAllowed(f"{method} {path} is not allowed; use {', '.join(methods)}")
             if self.supervisor.shutting_down and path.startswith("/execute"):
                 raise ServerShuttingDown("sandboxd is shutting down")
-            if self.supervisor.upgrading and path not in _NOT_DRAINED:
+            # (While an upgrade drains, a request is still served: its connection is
+            # closed after the answer. Once the upgrade closes the clients, it is not.)
+            if self._closing_for_upgrade and path not in _NOT_DRAINED:
                 raise ServerShuttingDown("sandboxd is upgrading")
             counted = path not in _NOT_DRAINED and not path.startswith("/execute/stream/")
             self.in_flight += counted

@@ -20,6 +20,7 @@ connections cannot use up the daemon's file descriptors.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import socket
@@ -112,15 +113,21 @@ async def serve_http(
     carries ``sock`` to the next image).
     """
     context = WorkerContext(None)
-    wrapped = ASGIWrapper(app)  # type: ignore[arg-type]
     control = control or AcceptControl()
-    control.context = context
+    context.terminated = control.hypercorn_closing
+    wrapped = ASGIWrapper(app)  # type: ignore[arg-type]
 
     open_connections = 0
     last_warning = -math.inf
     refusal = _refusal(max_connections)
 
     async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await serve_connection(stream)
+        finally:
+            control.connection_ended()
+
+    async def serve_connection(stream: trio.SocketStream) -> None:
         nonlocal open_connections, last_warning
         if open_connections >= max_connections:
             if trio.current_time() - last_warning >= 1.0:  # one line a second in a flood
@@ -146,16 +153,12 @@ async def serve_http(
                         stream, head, key, prefix[end:], lean.target, lean.max_message
                     )
                     return
-            if control.closing:  # a live upgrade is about to exec: hypercorn is closing
+            if control.state is AcceptState.CLOSING:  # a live upgrade is about to exec
                 await _refuse(stream, _UPGRADING)
                 return
             server = _TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
             server.prefix = prefix
-            control.http_serving(1)
-            try:
-                await server
-            finally:
-                control.http_serving(-1)
+            await server
         except Exception as exc:
             if client_broke_protocol(exc):
                 log.info("client broke the protocol; closed", extra={"error": repr(exc)})
@@ -169,8 +172,8 @@ async def serve_http(
         started = False
         while not stop.is_set():
             async with trio.open_nursery() as accepting:
-                if not control.paused:
-                    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+                if control.state is AcceptState.SERVING:
+                    listener = _CountingListener(sock.dup(), control)
                     accepting.start_soon(
                         partial(
                             trio.serve_listeners, handle, [listener], handler_nursery=connections
@@ -182,7 +185,7 @@ async def serve_http(
                 await control.wait_changed_or(stop)
                 accepting.cancel_scope.cancel()
         sock.close()  # (stopping: the port is released, as before the accept loop dup'd)
-        await context.terminated.set()
+        control.hypercorn_closing.set_now()
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
 
@@ -190,19 +193,85 @@ async def serve_http(
 _UPGRADING = _refusal(0, error_body("ServerShuttingDown", "sandboxd is upgrading"))
 
 
-class AcceptControl:
-    """Pauses and resumes accepting (a live upgrade), and counts the connections whose
-    first request head is still being read."""
+class AcceptState(enum.Enum):
+    """Where a live upgrade has taken the listener."""
+
+    SERVING = "serving"
+    #: Not accepting (new connections wait in the backlog for the next image); hypercorn
+    #: closes idle keep-alive connections, and each busy one after its response.
+    DRAINING = "draining"
+    #: The upgrade is about to exec: a request head read now is answered 503.
+    CLOSING = "closing"
+
+
+class _SyncEvent:
+    """hypercorn's ``Event`` protocol, also settable from synchronous code (an upgrade
+    refused under cancellation must still reopen the HTTP side)."""
 
     def __init__(self) -> None:
-        self.paused = False
-        self.reading_heads = 0
-        self.http_open = 0  # connections hypercorn serves
-        self.closing = False  # close_http was called
-        self.context: WorkerContext | None = None
+        self._event = trio.Event()
+
+    async def set(self) -> None:
+        self.set_now()
+
+    async def clear(self) -> None:
+        self.clear_now()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set_now(self) -> None:
+        self._event.set()
+
+    def clear_now(self) -> None:
+        if self._event.is_set():
+            self._event = trio.Event()
+
+
+class _CountingListener(trio.abc.Listener[trio.SocketStream]):
+    """A listener that counts each connection the moment it is accepted (before its
+    handler task has run), so that an upgrade waiting for "no connection left" cannot
+    miss one that is accepted but not yet started."""
+
+    def __init__(self, sock: socket.socket, control: AcceptControl) -> None:
+        self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        self._control = control
+
+    async def accept(self) -> trio.SocketStream:
+        stream = await self._listener.accept()
+        self._control.connection_accepted()  # (no checkpoint since the accept)
+        return stream
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
+
+
+class AcceptControl:
+    """Takes the listener through a live upgrade (``AcceptState``), and counts the
+    connections it has accepted whose handler has not ended."""
+
+    def __init__(self) -> None:
+        self.state = AcceptState.SERVING
+        self.connections = 0
+        self.reading_heads = 0  # connections whose first request head is being read
+        #: Tells hypercorn to close its connections (its ``WorkerContext.terminated``).
+        self.hypercorn_closing = _SyncEvent()
         self._changed = trio.Event()
+        self._connections_ended = trio.Event()
         self._heads_read = trio.Event()
-        self._http_done = trio.Event()
+
+    def connection_accepted(self) -> None:
+        """One more accepted connection."""
+        self.connections += 1
+
+    def connection_ended(self) -> None:
+        """The handler of an accepted connection has ended (the connection is closed)."""
+        self.connections -= 1
+        self._connections_ended.set()
+        self._connections_ended = trio.Event()
 
     def head_reading(self, change: int) -> None:
         """One more (1) or one fewer (-1) connection whose head is being read."""
@@ -211,42 +280,33 @@ class AcceptControl:
             self._heads_read.set()
             self._heads_read = trio.Event()
 
-    def http_serving(self, change: int) -> None:
-        """One more (1) or one fewer (-1) connection that hypercorn serves."""
-        self.http_open += change
-        if not self.http_open:
-            self._http_done.set()
-            self._http_done = trio.Event()
-
-    async def close_http(self) -> None:
-        """Have hypercorn close its connections: idle keep-alive ones at once, busy ones
-        once their response is out; return when none is left."""
-        self.closing = True
-        if self.context is not None:
-            await self.context.terminated.set()
-        while self.http_open or self.reading_heads:
-            await (self._http_done if self.http_open else self._heads_read).wait()
-
-    async def reopen_http(self) -> None:
-        """Undo ``close_http`` (the upgrade was refused)."""
-        self.closing = False
-        if self.context is not None:
-            await self.context.terminated.clear()
-
     async def wait_heads_read(self) -> None:
         """Return once no connection's first request head is still being read."""
         while self.reading_heads:
             await self._heads_read.wait()
 
     def pause(self) -> None:
-        """Stop accepting; new connections wait in the listening socket's backlog."""
-        self.paused = True
+        """Stop accepting (new connections wait in the listening socket's backlog) and
+        have hypercorn close its keep-alive connections: idle ones at once, busy ones
+        once their response is out. A request already on its way is still served."""
+        self.state = AcceptState.DRAINING
+        self.hypercorn_closing.set_now()
         self._poke()
 
+    def close(self) -> None:
+        """The exec is next: a request head read from now on is answered 503."""
+        self.state = AcceptState.CLOSING
+
     def resume(self) -> None:
-        """Accept again."""
-        self.paused = False
+        """Serve again (the upgrade was refused)."""
+        self.state = AcceptState.SERVING
+        self.hypercorn_closing.clear_now()
         self._poke()
+
+    async def wait_connections_ended(self) -> None:
+        """Return once every accepted connection's handler has ended."""
+        while self.connections:
+            await self._connections_ended.wait()
 
     def _poke(self) -> None:
         self._changed.set()

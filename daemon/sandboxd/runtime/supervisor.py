@@ -81,9 +81,24 @@ class Supervisor:
         self._nursery = nursery
         self.handoffs = Handoffs(self.detach, nursery, config.stall_seconds)
         self.shutting_down = False
-        self.upgrading = False  # a live upgrade is draining: nothing new starts
+        self._upgrading = False
+        self._upgrade_over = trio.Event()
+        self._upgrade_over.set()
         self.commands_started = 0
         self._base_env = clean_environment(os.environ, frozen=getattr(sys, "frozen", False))
+
+    @property
+    def upgrading(self) -> bool:
+        """A live upgrade is draining or swapping: nothing new starts."""
+        return self._upgrading
+
+    @upgrading.setter
+    def upgrading(self, value: bool) -> None:
+        self._upgrading = value
+        if not value:
+            self._upgrade_over.set()
+        elif self._upgrade_over.is_set():
+            self._upgrade_over = trio.Event()
 
     # ---- lookup and creation ------------------------------------------------------
 
@@ -104,15 +119,26 @@ class Supervisor:
         Two executes with one id never spawn twice: while one spawns (as a ``user``, in
         a worker thread), the other waits for it and then attaches. Raises
         ``InvalidRequest``, ``SpawnFailed``, ``TooManySessions``.
+
+        An execute on a WebSocket (``via="ws"``) that comes in while a live upgrade is
+        under way waits for its outcome: the swap closes the socket with 1000 before
+        ``started`` (both SDKs re-send the execute, to the new image), a refusal lets it
+        start here. (An ``error`` frame would end the SDKs' ``run()``.) An HTTP one is
+        refused with 503, which the Python SDK retries.
         """
         validate_execute(msg)
-        while msg.command_id is not None:
-            if msg.command_id in self.sessions:
-                return self.sessions[msg.command_id], False
-            starting = self._starting.get(msg.command_id)
-            if starting is None:
-                break
-            await starting.wait()  # then look again: it may have failed to spawn
+        while True:
+            if msg.command_id is not None:
+                if msg.command_id in self.sessions:
+                    return self.sessions[msg.command_id], False
+                starting = self._starting.get(msg.command_id)
+                if starting is not None:
+                    await starting.wait()  # then look again: it may have failed to spawn
+                    continue
+            if self.upgrading and via == "ws" and not self.shutting_down:
+                await self._upgrade_over.wait()
+                continue
+            break
         if self.shutting_down or self.upgrading:
             what = "upgrading" if self.upgrading else "shutting down"
             raise ServerShuttingDown(f"sandboxd is {what}")

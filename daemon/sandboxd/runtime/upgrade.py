@@ -42,7 +42,7 @@ log = logging.getLogger("sandboxd.upgrade")
 #: How long the candidate may take to verify the dry-run blob.
 PREFLIGHT_SECONDS = 20.0
 #: How long closing the clients may take before the swap goes on anyway.
-CLOSE_SECONDS = 1.0
+CLOSE_SECONDS = 2.0
 #: Stderr of a failed candidate kept for the refusal's reason.
 STDERR_TAIL = 2000
 
