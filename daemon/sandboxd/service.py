@@ -86,7 +86,6 @@ class _Frontend:
         return await self._app.wait_drained(max(0.0, deadline - trio.current_time()))
 
     async def close_for_upgrade(self, within: float) -> None:
-        self._control.close()
         with trio.move_on_after(within):
             await self._app.close_for_upgrade()
             # No connection may be cut mid-answer by the exec: every accepted one is

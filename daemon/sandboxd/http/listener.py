@@ -153,9 +153,6 @@ async def serve_http(
                         stream, head, key, prefix[end:], lean.target, lean.max_message
                     )
                     return
-            if control.state is AcceptState.CLOSING:  # a live upgrade is about to exec
-                await _refuse(stream, _UPGRADING)
-                return
             server = _TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
             server.prefix = prefix
             await server
@@ -189,10 +186,6 @@ async def serve_http(
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
 
-#: The answer to a request that comes in while a live upgrade closes the connections.
-_UPGRADING = _refusal(0, error_body("ServerShuttingDown", "sandboxd is upgrading"))
-
-
 class AcceptState(enum.Enum):
     """Where a live upgrade has taken the listener."""
 
@@ -200,8 +193,6 @@ class AcceptState(enum.Enum):
     #: Not accepting (new connections wait in the backlog for the next image); hypercorn
     #: closes idle keep-alive connections, and each busy one after its response.
     DRAINING = "draining"
-    #: The upgrade is about to exec: a request head read now is answered 503.
-    CLOSING = "closing"
 
 
 class _SyncEvent:
@@ -292,10 +283,6 @@ class AcceptControl:
         self.state = AcceptState.DRAINING
         self.hypercorn_closing.set_now()
         self._poke()
-
-    def close(self) -> None:
-        """The exec is next: a request head read from now on is answered 503."""
-        self.state = AcceptState.CLOSING
 
     def resume(self) -> None:
         """Serve again (the upgrade was refused)."""
