@@ -68,12 +68,12 @@ async def test_an_upload_under_way_when_the_upgrade_drains_is_served_and_an_exec
     execute = {"command": "echo ran; exit 3", "close_stdin": True, "command_id": command_id}
     with trio.fail_after(60):
         upload = await trio.open_tcp_stream(host, int(port))
-        head = (
-            f"POST /upload?path={quote(target)} HTTP/1.1\r\nhost: {address}\r\n"
-            f"content-type: {headers['content-type']}\r\ncontent-length: {len(body)}\r\n\r\n"
-        ).encode()
-        await upload.send_all(head + body[:1000])
-        async with exec_socket(f"ws://{address}/execute/ws") as client:
+        async with upload, exec_socket(f"ws://{address}/execute/ws") as client:
+            head = (
+                f"POST /upload?path={quote(target)} HTTP/1.1\r\nhost: {address}\r\n"
+                f"content-type: {headers['content-type']}\r\ncontent-length: {len(body)}\r\n\r\n"
+            ).encode()
+            await upload.send_all(head + body[:1000])
             await healthz(address)  # (the upload's connection was accepted before it)
             await trio.sleep(0.2)  # (and its head has reached the handler)
             daemon.process.send_signal(signal.SIGUSR2)
@@ -89,7 +89,6 @@ async def test_an_upload_under_way_when_the_upgrade_drains_is_served_and_an_exec
                 frame = await client.recv()
                 raise AssertionError(f"a frame before the swap's close: {frame}")
             assert closed.value.reason.code == 1000
-        await upload.aclose()
         health = await wait_generation(address, 1)
         assert health["last_upgrade"]["result"] == "ok"
         again = Follower(address, execute)
@@ -127,15 +126,14 @@ async def test_a_request_head_finished_after_the_upgrade_closed_the_clients_is_a
             nursery.start_soon(watcher.run)
             while watcher.command_id is None:
                 await trio.sleep(0.01)
-            late = await trio.open_tcp_stream(host, int(port))
-            await late.send_all(head[:10])
-            await healthz(address)  # (the late connection has been accepted by now)
-            daemon.process.send_signal(signal.SIGUSR2)
-            while not watcher.closes:  # closed 1001: the swap is closing the clients
-                await trio.sleep(0.005)
-            await late.send_all(head[10:])
-            response, body = await _response(late)
-            await late.aclose()
+            async with await trio.open_tcp_stream(host, int(port)) as late:
+                await late.send_all(head[:10])
+                await healthz(address)  # (the late connection has been accepted by now)
+                daemon.process.send_signal(signal.SIGUSR2)
+                while not watcher.closes:  # closed 1001: the swap is closing the clients
+                    await trio.sleep(0.005)
+                await late.send_all(head[10:])
+                response, body = await _response(late)
         assert response.status_code in (503, 200, 101), (response, body)
         if response.status_code == 503:
             assert json.loads(body)["detail"]["error"] == "ServerShuttingDown"

@@ -53,6 +53,21 @@ class _TCPServer(TCPServer):
 
     #: What the listener read of the connection before handing it over.
     prefix = b""
+    _first_idle = True
+
+    async def _idle_timeout(self) -> None:
+        # hypercorn closes a connection at once when told to close (a live upgrade
+        # draining: ``AcceptControl.pause``), even a new one whose first request the
+        # listener has already read. That request is served first: the connection's
+        # first idle timer runs its whole length whatever the context says, and
+        # hypercorn closes the connection after the answer.
+        if not self._first_idle:
+            await super()._idle_timeout()
+            return
+        self._first_idle = False
+        await trio.sleep(self.config.keep_alive_timeout)
+        with trio.CancelScope(shield=True):
+            await self._initiate_server_close()
 
     async def _read_data(self) -> None:
         if self.prefix:
