@@ -446,7 +446,7 @@ class Bench:
         finally:
             server.stop()
         self.results["upgrade"] = found
-        if found["refused"] or found["lost_or_duplicated"]:
+        if found["refused"] or found["lost_or_duplicated"] or found["cut_requests"]:
             raise AssertionError(f"upgrade: {found}")
         n = found["upgrades"]
         for label, values in (
@@ -460,6 +460,7 @@ class Bench:
         zero = {"median": 0.0, "min": 0.0, "max": 0.0}
         self.row(f"upgrade ({n}): refused of {found['connects']} connects: 0", "", zero, None, "")
         self.row(f"upgrade ({n}): lost or duplicated bytes: 0", "", zero, None, "")
+        self.row(f"upgrade ({n}): /healthz polls cut by a swap: 0", "", zero, None, "")
 
     # -- report ------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ duplicated bytes).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import itertools
 import json
 import os
@@ -149,12 +150,17 @@ class Probe:
                 pass
 
 
+#: /healthz polls the swap cut after they were sent (must stay empty).
+CUT_REQUESTS: list[str] = []
+
+
 def _wait_generation(port: int, generation: int, since: float) -> float:
     """Seconds from ``since`` to the first /healthz showing ``generation``."""
     while True:
         try:
             health = _health(port)
-        except OSError:
+        except (OSError, http.client.HTTPException) as error:
+            CUT_REQUESTS.append(repr(error))
             time.sleep(0.005)
             continue
         last = health.get("last_upgrade") or {}
@@ -226,4 +232,5 @@ async def run_upgrades(port: int, pid: int, upgrades: int) -> dict[str, Any]:
         "lost_or_duplicated": len(errors),
         "bytes": sum(s.offset for s in streams),
         "closes": closes,
+        "cut_requests": CUT_REQUESTS[:10],
     }
