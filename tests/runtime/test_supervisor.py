@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from sandboxd.core.config import Config
-from sandboxd.core.errors import CommandNotFound, SessionExpired
+from sandboxd.core.errors import CommandNotFound, ServerShuttingDown, SessionExpired
 from sandboxd.core.messages import Execute, Exit
 from sandboxd.core.session import Attachment, ExitStatus, SessionState, Stream
 from sandboxd.runtime import carried, process, spawn
@@ -187,6 +187,31 @@ async def test_get_or_create_with_a_known_id_never_spawns_again(
     assert created and not created_again and first is again
     assert len(children.writers) == 1
     children.kill_tree(first.child.pid, signal.SIGKILL)
+
+
+async def test_an_execute_during_an_upgrade_waits_on_a_websocket_and_is_refused_over_http(
+    fakes: tuple[Supervisor, FakeChildren], autojump_clock: trio.testing.MockClock
+) -> None:
+    """On a WebSocket it starts once the upgrade is over (refused: it starts here; a
+    committed one closes the socket first); over HTTP it is a 503 at once."""
+    supervisor, children = fakes
+    supervisor.upgrading = True
+    with pytest.raises(ServerShuttingDown, match="upgrading"):
+        await supervisor.get_or_create(execute(command_id="h"), via="http")
+    started: list[tuple[float, bool]] = []
+
+    async def start() -> None:
+        live, created = await supervisor.get_or_create(execute(command_id="w"))
+        started.append((trio.current_time(), created))
+        children.kill_tree(live.child.pid, signal.SIGKILL)
+
+    begin = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(start)
+        await trio.sleep(7)
+        assert started == [] and children.writers == {}
+        supervisor.upgrading = False  # refused
+    assert started == [(begin + 7, True)]
 
 
 async def test_a_watcher_does_not_hold_off_or_restart_the_idle_kill(
