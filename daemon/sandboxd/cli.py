@@ -10,6 +10,7 @@ module imports nothing heavy itself, so ``sandboxd exec -- true`` starts fast.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Sequence
@@ -57,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from sandboxd.client.main import run
 
         sys.exit(run(args))
+    # No cyclic collection while the daemon's modules are imported (they are never
+    # garbage; the collector only walks them, several times): a live upgrade's new
+    # image waits for these imports before it serves. ``settle_gc`` turns it back on.
+    gc.disable()
     from sandboxd import server_cli
 
     if args[:1] == ["serve"]:

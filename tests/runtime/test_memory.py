@@ -32,12 +32,15 @@ async def test_the_heap_is_trimmed_every_interval_only_after_commands_ran(
     assert trims == [30.0]
 
 
-def test_settle_gc_freezes_what_exists_and_collects_the_young_less_often() -> None:
+def test_settle_gc_freezes_what_exists_collects_the_young_less_often_and_enables_it() -> None:
     threshold = gc.get_threshold()
+    gc.disable()  # (as the entry point leaves it while the daemon's modules import)
     try:
         memory.settle_gc()
         assert gc.get_freeze_count() > 0  # start-up's objects: out of every collection
         assert gc.get_threshold() == (memory.GC_YOUNG_THRESHOLD, *threshold[1:])
+        assert gc.isenabled()
     finally:
+        gc.enable()
         gc.unfreeze()
         gc.set_threshold(*threshold)
