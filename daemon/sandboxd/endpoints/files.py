@@ -11,7 +11,6 @@ File I/O runs in worker threads (``trio.to_thread``), batched to about 1 MiB per
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import math
 import mimetypes
 import os
@@ -249,7 +248,7 @@ async def download(scope: Scope, send: Send, home: str, *, head: bool) -> None:
         )
         headers = [
             ("etag", etag),
-            ("last-modified", email.utils.formatdate(info.st_mtime, usegmt=True)),
+            ("last-modified", _http_date(info.st_mtime)),
             ("accept-ranges", "bytes"),
         ]
         content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
@@ -305,3 +304,11 @@ async def _send_file(send: Send, fd: int, start: int, length: int, content: byte
         await send({"type": "http.response.body", "body": chunk, "more_body": offset < end})
     if offset < end:
         await send({"type": "http.response.body", "body": b""})
+
+
+def _http_date(seconds: float) -> str:
+    """An HTTP date (RFC 9110 IMF-fixdate). (``email`` is imported on the first download,
+    not on the path to serving: a live upgrade's new image waits for its imports.)"""
+    import email.utils
+
+    return email.utils.formatdate(seconds, usegmt=True)

@@ -18,13 +18,16 @@ import signal
 import subprocess
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import psutil
 import trio
 
 from sandboxd.core.errors import InvalidRequest
 from sandboxd.core.session import ExitStatus
 from sandboxd.runtime.spawn import Child
+
+if TYPE_CHECKING:  # (imported where used: it is not on the path to serving)
+    import psutil
 
 #: Every command's environment names its session: how escapees are found (see kill_tree).
 COMMAND_ID_VARIABLE = "SANDBOXD_COMMAND_ID"
@@ -146,6 +149,8 @@ def tagged_processes(command_ids: set[str]) -> dict[str, list[psutil.Process]]:
     This finds what left a command's process group and tree (``setsid``, ``nohup``, a
     double fork): the environment it started with still names its session.
     """
+    import psutil
+
     wanted = {f"{COMMAND_ID_VARIABLE}={cid}".encode(): cid for cid in command_ids}
     found: dict[str, list[psutil.Process]] = {}
     me = os.getpid()
@@ -172,6 +177,8 @@ def kill_tree(pid: int, signo: int = signal.SIGKILL, command_id: str | None = No
     Descendants are listed before the group is signalled, so that children which left
     the group (``setsid``) but are still below the leader are found too.
     """
+    import psutil
+
     try:
         targets = psutil.Process(pid).children(recursive=True)
     except psutil.Error:

@@ -16,8 +16,8 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import psutil
 import trio
 
 from sandboxd.core.config import Config
@@ -44,6 +44,9 @@ from sandboxd.runtime import process, spawn
 from sandboxd.runtime.handoff import Handoffs
 from sandboxd.runtime.live import STDIN_BUFFER_CAP, LiveSession
 from sandboxd.runtime.request import spawn_request
+
+if TYPE_CHECKING:  # (imported where used: it is not on the path to serving)
+    import psutil
 
 __all__ = ["STDIN_BUFFER_CAP", "LiveSession", "Supervisor"]
 
@@ -380,6 +383,8 @@ class Supervisor:
     def _signal_all(
         self, live: LiveSession, signo: int, escaped: dict[str, list[psutil.Process]]
     ) -> None:
+        import psutil
+
         if live.status is None:
             self._kill_tree(live.child.pid, signo, None)
         for escapee in escaped.get(live.command_id, []):
