@@ -36,7 +36,6 @@ HEADER_BYTES = _HEADER.size
 
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 _Fd = Annotated[int, msgspec.Meta(ge=-1)]  # -1: no fd (closed, or never had one)
-_Seconds = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class HandoverRefused(Exception):

@@ -35,7 +35,6 @@ class Resumed:
     sock: socket.socket | None
     generation: int
     last: UpgradeRecord | None
-    swap_seconds: float = 0.0
     #: monotonic ns of the new image's start-up steps (for the ``upgrade timing`` line).
     marks: dict[str, int] = field(default_factory=dict)
 
@@ -82,7 +81,6 @@ def _listen_socket(fd: int) -> socket.socket:
 def resume(fd: int, rollback_of: str | None) -> Resumed:
     """Adopt the blob at ``fd``, or roll back (exec the old image: does not return), or
     start fresh. ``rollback_of``: this image is the rollback from that version."""
-    started_ns = time.monotonic_ns()
     wanted = reexec.faults(os.environ)
     from_version = "?"
     try:
@@ -108,7 +106,6 @@ def resume(fd: int, rollback_of: str | None) -> Resumed:
             reason = f"rollback impossible after: {reason}"
         return _fresh(fd, from_version, reason)
     os.close(fd)
-    swap = max(0.0, (started_ns - state.snapshot_monotonic_ns) / 1e9)
     if rollback_of is not None:
         reason = os.environ.get(reexec.REASON_VARIABLE) or "the new image refused the state"
         last = UpgradeRecord(
@@ -134,7 +131,7 @@ def resume(fd: int, rollback_of: str | None) -> Resumed:
         reexec.LISTEN_FD_VARIABLE,
     ):
         os.environ.pop(name, None)
-    return Resumed(state, sock, generation, last, swap)
+    return Resumed(state, sock, generation, last)
 
 
 def _roll_back(fd: int, reason: str) -> None:

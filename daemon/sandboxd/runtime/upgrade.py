@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -84,7 +84,6 @@ class UpgradeStatus:
     generation: int = 0
     last: UpgradeRecord | None = None
     in_progress: bool = False
-    history: list[float] = field(default_factory=list)
 
     def fields(self) -> dict[str, object]:
         last = self.last
