@@ -190,7 +190,11 @@ def main(argv: Sequence[str] | None = None, *, may_reexec: bool | None = None) -
     args, internal = reexec.strip_internal(args)
     if "--verify-state-fd" in internal:  # a candidate's pre-flight check
         parse_args(_token_out_of_argv(args)[0], os.environ)  # (exits 2 on what it refuses)
-        sys.exit(verify(int(internal["--verify-state-fd"])))
+        code = verify(int(internal["--verify-state-fd"]))
+        sys.stderr.flush()
+        # No interpreter teardown (some 60 ms of unloading modules): the daemon waits for
+        # this process, on the path from the trigger to the swap.
+        os._exit(code)
     rest, token = _token_out_of_argv(args)
     if may_reexec is None:
         may_reexec = argv is None
