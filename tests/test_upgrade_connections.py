@@ -97,6 +97,9 @@ async def test_an_upload_under_way_when_the_upgrade_drains_is_served_and_an_exec
     assert again.stdout == "ran\n"
     with open(target, "rb") as written:
         assert written.read() == b"x" * 200_000
+    with trio.fail_after(10):  # (log lines reach the test a little after the fact)
+        await _logged(daemon, "command started")
+        await trio.sleep(0.3)
     started = [e for e in daemon.logs if e.get("msg") == "command started"]
     assert [e["command_id"] for e in started] == [command_id]  # once, by the new image
 
