@@ -101,15 +101,23 @@ def start_websocketd(command: str, *, binary: bool) -> Server:
         stdin=subprocess.DEVNULL,
         env={**os.environ},
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return Server(proc, port)
-        except OSError:
-            time.sleep(0.02)
+    if _listening(proc, port):
+        return Server(proc, port)
     proc.kill()
     raise RuntimeError("websocketd did not start")
+
+
+def _listening(proc: subprocess.Popen[bytes], port: int, seconds: float = 10.0) -> bool:
+    """Whether ``proc`` accepts connections on ``port`` within ``seconds`` (False at once
+    if it exits)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
 
 
 def nginx_path() -> str | None:
@@ -164,13 +172,8 @@ def start_nginx(prefix: str, root: str) -> Server:
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return Server(proc, port)
-        except OSError:
-            time.sleep(0.02)
+    if _listening(proc, port):
+        return Server(proc, port)
     proc.kill()
     proc.wait()
     with open(os.path.join(prefix, "error.log"), errors="replace") as log:
