@@ -194,9 +194,7 @@ class Upgrader:
             self._supervisor.upgrading = True
             self._notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             self._frontend.pause_accepting()
-            log.info(
-                "upgrade draining", extra={"preflight": "run" if self._preflight_run else "cached"}
-            )
+            log.info("upgrade draining")  # (the exec line says whether the pre-flight ran)
             drained = await self._frontend.wait_drained(self._config.upgrade_drain_seconds)
             self._marks["drained"] = time.monotonic_ns()
             if not drained:
