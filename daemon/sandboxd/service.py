@@ -25,7 +25,13 @@ from sandboxd.runtime.live import LiveSession
 from sandboxd.runtime.notify import Notifier
 from sandboxd.runtime.resume import Resumed
 from sandboxd.runtime.supervisor import Supervisor
-from sandboxd.runtime.upgrade import UpgradeContext, Upgrader, UpgradeStatus, log_upgrade
+from sandboxd.runtime.upgrade import (
+    UpgradeContext,
+    Upgrader,
+    UpgradeStatus,
+    log_upgrade,
+    step_ms,
+)
 
 log = logging.getLogger("sandboxd")
 
@@ -117,15 +123,9 @@ async def _log_timing(state: HandoverState, marks: dict[str, int], supervisor: S
             for live in adopted:
                 waiting.start_soon(first, live)
     reads = [live.first_read_ns for live in adopted if live.first_read_ns]
-    snapshot = state.snapshot_monotonic_ns
-    fields: dict[str, object] = {
-        f"snapshot_to_{name}_ms": round((ns - snapshot) / 1e6, 3) for name, ns in marks.items()
-    }
-    if reads:
-        fields["snapshot_to_first_read_ms"] = round((min(reads) - snapshot) / 1e6, 3)
-    fields["trigger_to_accepting_ms"] = round(
-        (marks["accepting"] - state.trigger_monotonic_ns) / 1e6, 3
-    )
+    first_read = {"first_read": min(reads)} if reads else {}
+    fields = step_ms("snapshot", state.snapshot_monotonic_ns, {**marks, **first_read})
+    fields |= step_ms("trigger", state.trigger_monotonic_ns, {"accepting": marks["accepting"]})
     log.info("upgrade timing", extra={**fields, "sessions": len(state.sessions)})
 
 

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -114,6 +114,12 @@ def record(status: UpgradeStatus, result: str, reason: str | None, **more: objec
         to_version=more.get("to_version"),  # type: ignore[arg-type]
     )
     log_upgrade(status)
+
+
+def step_ms(since: str, since_ns: int, marks: Mapping[str, int]) -> dict[str, float]:
+    """``{since}_to_{name}_ms`` for each mark (monotonic ns), counted from ``since_ns``:
+    the fields of the upgrade's timing log lines."""
+    return {f"{since}_to_{name}_ms": round((ns - since_ns) / 1e6, 3) for name, ns in marks.items()}
 
 
 def log_upgrade(status: UpgradeStatus) -> None:
@@ -357,16 +363,9 @@ class Upgrader:
         try:
             for fd in carried_fds:
                 os.set_inheritable(fd, True)
-            steps = {
-                f"trigger_to_{name}_ms": round((ns - self._trigger_ns) / 1e6, 3)
-                for name, ns in self._marks.items()
-            }
-            steps["trigger_to_snapshot_ms"] = round(
-                (state.snapshot_monotonic_ns - self._trigger_ns) / 1e6, 3
-            )
-            steps["snapshot_to_exec_ms"] = round(
-                (time.monotonic_ns() - state.snapshot_monotonic_ns) / 1e6, 3
-            )
+            snapshot = state.snapshot_monotonic_ns
+            steps = step_ms("trigger", self._trigger_ns, {**self._marks, "snapshot": snapshot})
+            steps |= step_ms("snapshot", snapshot, {"exec": time.monotonic_ns()})
             log.info(
                 "upgrade exec",
                 extra={
