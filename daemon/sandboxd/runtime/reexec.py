@@ -187,10 +187,14 @@ def decode_argv(text: str) -> list[str] | None:
     return None
 
 
+#: The variables a handover passes from one image to the next (the new image removes
+#: them from its environment once it has read them).
+HANDOVER_VARIABLES = (ROLLBACK_VARIABLE, ROLLBACK_ENV_VARIABLE, REASON_VARIABLE, LISTEN_FD_VARIABLE)
+
+
 def encode_environ(environ: Mapping[str, str]) -> str:
     """An environment for an environment variable (without this module's own)."""
-    internal = (ROLLBACK_VARIABLE, ROLLBACK_ENV_VARIABLE, REASON_VARIABLE, LISTEN_FD_VARIABLE)
-    return json.dumps({k: v for k, v in environ.items() if k not in internal})
+    return json.dumps({k: v for k, v in environ.items() if k not in HANDOVER_VARIABLES})
 
 
 def decode_environ(text: str) -> dict[str, str] | None:

@@ -124,12 +124,7 @@ def resume(fd: int, rollback_of: str | None) -> Resumed:
             to_version=__version__,
         )
         generation = state.generation + 1
-    for name in (
-        reexec.ROLLBACK_VARIABLE,
-        reexec.ROLLBACK_ENV_VARIABLE,
-        reexec.REASON_VARIABLE,
-        reexec.LISTEN_FD_VARIABLE,
-    ):
+    for name in reexec.HANDOVER_VARIABLES:
         os.environ.pop(name, None)
     return Resumed(state, sock, generation, last)
 
