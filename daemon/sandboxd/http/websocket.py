@@ -11,8 +11,9 @@ before the 101, which echoes ``sandboxd.v1`` when the client offered it.
 pongs handed to the endpoint's ``on_pong`` handler, fragments joined, limits enforced by
 the parser: 1009, 1002, 1007), batches of messages out in one write each (header and
 payload of every frame, and a ping or a close frame behind the last, handed to one
-``sendmsg``). Sends are not shielded: a client that stopped reading holds a write only
-until its connection is cancelled.
+``writev``; ``rawio.py`` yields to the loop only when the kernel makes it wait). Sends are
+not shielded: a client that stopped reading holds a write only until its connection is
+cancelled.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sandboxd.core import websocket as ws
 from sandboxd.endpoints.transport import MessageTransport
 from sandboxd.http.asgi import error_body
 from sandboxd.http.auth import SUBPROTOCOL, Verdict
+from sandboxd.http.rawio import RawSocket
 
 log = logging.getLogger("sandboxd.http")
 
@@ -36,8 +38,6 @@ log = logging.getLogger("sandboxd.http")
 #: the connection.
 CLOSE_TIMEOUT = 2.0
 RECEIVE_BYTES = 256 * 1024
-#: Batches up to this size are joined into one buffer; larger ones go out as an iovec.
-_JOIN_BELOW = 16 * 1024
 
 
 class UpgradeTarget(Protocol):
@@ -60,7 +60,7 @@ class WebSocket:
 
     def __init__(self, stream: trio.SocketStream, max_message: int, leftover: bytes) -> None:
         self._stream = stream
-        self._socket = stream.socket
+        self._io = RawSocket(stream.socket)
         self._parser = ws.FrameParser(max_message)
         self._events: deque[ws.Event] = deque()
         self._leftover = leftover
@@ -98,10 +98,7 @@ class WebSocket:
                 return None
             data, self._leftover = self._leftover, b""
             if not data:
-                try:
-                    data = await self._stream.receive_some(RECEIVE_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+                data = await self._io.receive(RECEIVE_BYTES)
                 if not data:
                     self.ended = True
                     return None
@@ -148,6 +145,10 @@ class WebSocket:
         if parts:
             await self._write(parts)
 
+    async def send_raw(self, data: bytes) -> None:
+        """Write ``data`` as it is (the 101 response, before any frame)."""
+        await self._io.send([data])
+
     async def _send_close(self, code: int | None, reason: str = "") -> None:
         if self.close_sent:
             return
@@ -156,28 +157,18 @@ class WebSocket:
             await self._write([ws.close_frame(code, reason)])
 
     async def _write(self, parts: list[bytes]) -> None:
-        async with self._send_lock:
-            await self._write_all(parts)
+        lock = self._send_lock
+        if lock.locked():  # (another task's write is under way: rare)
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()  # (no checkpoint: the write takes one if it must wait)
+        try:
+            await self._io.send(parts)
             while self._pong is not None:
                 pong, self._pong = self._pong, None
-                await self._write_all([pong])
-
-    async def _write_all(self, parts: list[bytes]) -> None:
-        total = sum(map(len, parts))
-        if total < _JOIN_BELOW or len(parts) == 1:
-            await self._stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
-            return
-        views = [memoryview(p) for p in parts if p]
-        try:
-            while views:
-                sent = await self._socket.sendmsg(views)
-                while views and sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                if sent:
-                    views[0] = views[0][sent:]
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
+                await self._io.send([pong])
+        finally:
+            lock.release()
 
     # ---- ending -------------------------------------------------------------------------
 
@@ -238,12 +229,12 @@ async def serve_upgrade(
     # A browser offers the token as a subprotocol next to ``sandboxd.v1`` and fails the
     # connection unless one it offered comes back; the SDKs offer none.
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in ws.offered_subprotocols(head) else None
-    try:
-        await stream.send_all(ws.accept_response(key, subprotocol))
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        await trio.aclose_forcefully(stream)
-        return
     socket = WebSocket(stream, max_message, leftover)
+    try:
+        await socket.send_raw(ws.accept_response(key, subprotocol))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        stream.socket.close()
+        return
     try:
         try:
             await target.serve_websocket(path, socket, peer)
