@@ -61,6 +61,8 @@ MAX_PENDING_CONTROL = 256
 MAX_PENDING_TEXT = STDIN_BUFFER_CAP
 #: Output gathered into one write while more is ready (several frames, one syscall).
 BATCH_BYTES = 4 * FRAME_BYTES
+#: How long, after the close that follows the terminal frame, the client's is awaited.
+CLOSE_WAIT = 2.0
 
 
 class ExecConnection:
@@ -80,22 +82,35 @@ class ExecConnection:
         self._attachment: Attachment | None = None
         self.started_sent = False
         self._closed = False
+        self._broken = False  # a send failed: the connection is gone
         self._pings = transport.on_pong(self._on_pong)
 
     async def run(self) -> None:
-        """Serve the socket until the command's end, an error, or the client leaves."""
+        """Serve the socket until the command's end, an error, or the client leaves.
+
+        After the terminal frame and the close, the receive task reads on until the
+        client's close (for at most ``CLOSE_WAIT``), so that the transport has it and
+        need not wait for it again."""
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receive_loop)
+                    ended = False
                     if await self._bind():
                         assert self.live is not None and self._attachment is not None
-                        await self._stream(self.live, self._attachment)
-                    nursery.cancel_scope.cancel()
+                        ended = await self._stream(self.live, self._attachment)
+                    self._detach()
+                    if ended:
+                        nursery.cancel_scope.deadline = trio.current_time() + CLOSE_WAIT
+                    else:
+                        nursery.cancel_scope.cancel()
         finally:
-            # Also when the client vanished between attaching and the first frame.
-            if self._attachment is not None and self.live is not None:
-                self._supervisor.detach(self.live, self._attachment)
+            self._detach()  # also when the client vanished between attaching and the first frame
+
+    def _detach(self) -> None:
+        if self._attachment is not None and self.live is not None:
+            attachment, self._attachment = self._attachment, None
+            self._supervisor.detach(self.live, attachment)
 
     async def going_away(self) -> None:
         """The daemon is stopping: 1001 once ``started`` went out (the SDKs then
@@ -112,6 +127,8 @@ class ExecConnection:
                 self._closed = True
                 self._scope.cancel()
                 return
+            if self._closed:
+                continue  # after our close: read on only until the client's (RFC 6455 5.5.1)
             try:
                 if isinstance(text, bytes):
                     raise InvalidRequest("binary frames are not accepted; send JSON text frames")
@@ -218,7 +235,9 @@ class ExecConnection:
         await self._apply_held(live)
         return True
 
-    async def _stream(self, live: LiveSession, attachment: Attachment) -> None:
+    async def _stream(self, live: LiveSession, attachment: Attachment) -> bool:
+        """Send the output from the attachment's cursors until the terminal frame (True,
+        once it and the close went out) or until the client is gone (False)."""
         core = live.core
         while True:
             batch: list[ServerMessage | bytes] = []
@@ -246,12 +265,12 @@ class ExecConnection:
                 # The last output, the terminal frame and the close: one write.
                 batch.append(core.terminal_message())
                 await self._send(*batch, close=1000)
-                return
+                return not self._broken
             if batch:
                 await self._send(*batch)
                 continue
             if self._closed:
-                return  # the client is gone (the scope's cancel lands at a checkpoint)
+                return False  # the client is gone (the scope's cancel lands at a checkpoint)
             if self._pings and ping_due(attachment):
                 await self._send()  # a ping behind what was written before the last pong
                 continue  # (output that came meanwhile is read before parking)
@@ -289,7 +308,7 @@ class ExecConnection:
             # When the client closes at the same moment, hypercorn's own close handling
             # can collide with a write (BusyResourceError): the connection is ending
             # either way, so that is the end.
-            self._closed = True
+            self._closed = self._broken = True
             self._scope.cancel()
 
     async def _close(self, code: int) -> None:

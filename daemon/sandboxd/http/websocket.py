@@ -179,6 +179,9 @@ class WebSocket:
         sends cannot be parsed: the write side is shut and the bytes are drained until
         its EOF, so that closing never resets a connection whose close frame the client
         has not read yet."""
+        if self.close_sent and self.ended and self._parser.failed is None:
+            self._stream.socket.close()  # (the close handshake is done: nothing to wait for)
+            return
         with trio.move_on_after(CLOSE_TIMEOUT):
             try:
                 if not self.close_sent:

@@ -305,12 +305,15 @@ class Supervisor:
         here with the fds that were still open.)"""
         if live.input_open:
             nursery.start_soon(live.write_stdin)
-        async with trio.open_nursery() as readers:
-            # Each pump waits a bounded time for the EOF of children left behind.
-            timing = (self.config.stall_seconds, self.config.drain_seconds)
-            for stream, fd in list(live.open_fds.items()):
-                readers.start_soon(live.pump, stream, fd, *timing)
-            await self._run_timers(live, until=live.reaped)
+        # The pumps run in the session's nursery (a nursery of their own cost one more
+        # per command); each takes its fd out of ``open_fds`` when it ends, and each
+        # waits a bounded time for the EOF of children left behind.
+        timing = (self.config.stall_seconds, self.config.drain_seconds)
+        for stream, fd in list(live.open_fds.items()):
+            nursery.start_soon(live.pump, stream, fd, *timing)
+        await self._run_timers(live, until=live.reaped)
+        while live.open_fds:
+            await live.wait_changed()
         assert live.status is not None
         live.end_input()
         live.ended_wall = time.time()
