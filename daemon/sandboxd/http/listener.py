@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import math
 import os
 import socket
-from functools import partial
+from collections.abc import Awaitable, Callable
 
 import h11
 import trio
@@ -141,6 +142,7 @@ async def serve_http(
         try:
             await serve_connection(stream)
         finally:
+            stream.socket.close()  # (if its server has not: no checkpoint)
             control.connection_ended()
 
     async def serve_connection(stream: trio.SocketStream) -> None:
@@ -186,12 +188,7 @@ async def serve_http(
         while not stop.is_set():
             async with trio.open_nursery() as accepting:
                 if control.state is AcceptState.SERVING:
-                    listener = _CountingListener(sock.dup(), control)
-                    accepting.start_soon(
-                        partial(
-                            trio.serve_listeners, handle, [listener], handler_nursery=connections
-                        )
-                    )
+                    accepting.start_soon(_accept, sock.dup(), control, connections, handle)
                 if not started:
                     task_status.started()
                     started = True
@@ -238,22 +235,58 @@ class _SyncEvent:
             self._event = trio.Event()
 
 
-class _CountingListener(trio.abc.Listener[trio.SocketStream]):
-    """A listener that counts each connection the moment it is accepted (before its
-    handler task has run), so that an upgrade waiting for "no connection left" cannot
-    miss one that is accepted but not yet started."""
+#: accept() errors that are the connection's, not the listener's: try the next one.
+_ACCEPT_SKIP_ERRNOS = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT}
+    | {errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH}
+)
+#: accept() errors that mean "out of fds or memory": wait a little and try again.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: Connections accepted in a row before the accept loop yields once.
+_ACCEPT_STREAK = 16
 
-    def __init__(self, sock: socket.socket, control: AcceptControl) -> None:
-        self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        self._control = control
 
-    async def accept(self) -> trio.SocketStream:
-        stream = await self._listener.accept()
-        self._control.connection_accepted()  # (no checkpoint since the accept)
-        return stream
+async def _accept(
+    sock: socket.socket,
+    control: AcceptControl,
+    nursery: trio.Nursery,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    """Accept on ``sock`` (a dup of the listening socket, closed here) until cancelled,
+    and serve each connection with ``handler`` in ``nursery``.
 
-    async def aclose(self) -> None:
-        await self._listener.aclose()
+    Each connection is counted (``control.connection_accepted``) the moment it is
+    accepted, before its handler task has run, so that an upgrade waiting for "no
+    connection left" cannot miss one. (trio's ``serve_listeners`` would also take a
+    checkpoint per accept and a cancel scope and a checkpoint per connection closed.)
+    """
+    sock.setblocking(False)
+    streak = 0
+    try:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                streak = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_SKIP_ERRNOS:
+                    continue
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.warning("cannot accept a connection: waiting", extra={"error": str(exc)})
+                await trio.sleep(0.1)
+                continue
+            control.connection_accepted()  # (no checkpoint since the accept)
+            nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+            streak += 1
+            if streak >= _ACCEPT_STREAK:
+                streak = 0
+                await trio.lowlevel.checkpoint()
+    finally:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
 
 
 class AcceptControl:
@@ -389,9 +422,7 @@ def _head_complete(data: bytes) -> bool:
     """Whether ``data`` is all ``_read_head`` reads: the end of a GET's head, anything
     that cannot be a GET, or ``MAX_HEAD_BYTES``."""
     return (
-        not b"GET ".startswith(data[:4])
-        or ws.head_end(data) >= 0
-        or len(data) >= ws.MAX_HEAD_BYTES
+        not b"GET ".startswith(data[:4]) or ws.head_end(data) >= 0 or len(data) >= ws.MAX_HEAD_BYTES
     )
 
 
