@@ -31,8 +31,12 @@ class RawSocket:
     """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.fd = sock.fileno()
+        self._sock = sock
         self._streak = 0
+
+    def _fd(self) -> int:
+        """The fd, or -1 once the socket is closed (never a number reused since)."""
+        return self._sock.fileno()
 
     async def _served_at_once(self) -> None:
         self._streak += 1
@@ -44,12 +48,15 @@ class RawSocket:
         """Up to ``max_bytes`` the peer sent; ``b""`` at its EOF or when the connection
         broke (reset, or closed here meanwhile)."""
         while True:
+            fd = self._fd()
+            if fd < 0:
+                return b""
             try:
-                data = os.read(self.fd, max_bytes)
+                data = os.read(fd, max_bytes)
             except BlockingIOError:
                 self._streak = 0
                 try:
-                    await trio.lowlevel.wait_readable(self.fd)
+                    await trio.lowlevel.wait_readable(fd)
                 except trio.ClosedResourceError:
                     return b""
                 continue
@@ -64,8 +71,11 @@ class RawSocket:
         views: list[memoryview] | None = None
         pending: Sequence[bytes | memoryview] = parts
         while True:
+            fd = self._fd()
+            if fd < 0:
+                raise trio.BrokenResourceError("the connection was closed")
             try:
-                sent = os.writev(self.fd, pending[:_IOV_MAX])
+                sent = os.writev(fd, pending[:_IOV_MAX])
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
@@ -83,6 +93,6 @@ class RawSocket:
             pending = views
             self._streak = 0
             try:
-                await trio.lowlevel.wait_writable(self.fd)
+                await trio.lowlevel.wait_writable(fd)
             except trio.ClosedResourceError as exc:
                 raise trio.BrokenResourceError("the connection was closed") from exc
