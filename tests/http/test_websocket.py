@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import struct
 import uuid
 
 import trio
@@ -275,3 +277,32 @@ async def test_a_client_that_never_pongs_is_paced_by_what_was_written_to_it() ->
             await client.stream.aclose()
     assert pings == 1  # the unanswered one stays outstanding: no more are sent
     assert received == OUTPUT and "gap" not in types and types[-1] == "exit"
+
+
+async def test_a_signal_sent_just_before_the_client_resets_takes_effect_while_output_streams() -> (
+    None
+):
+    # The client sends ``signal`` and its close, then resets the connection with the
+    # daemon's output unread: the daemon's next write fails, and the frames the client
+    # sent before it left must still be applied (the CLI's ``kill -s`` does this).
+    async with running_daemon() as daemon:
+        for _ in range(20):
+            with trio.fail_after(20):
+                client = await connect(daemon, upgrade())
+                await client.head()
+                command_id = uuid.uuid4().hex
+                frame = {"type": "execute", "command": "yes", "command_id": command_id}
+                await client.stream.send_all(client_frame(1, json.dumps(frame).encode()))
+                started = await client.frame()
+                assert started is not None and json.loads(started[1])["type"] == "started"
+                while len(client.buffer) < 65536:  # the output is streaming
+                    assert await client._more()
+                signal = json.dumps({"type": "signal", "signal": "USR1"}).encode()
+                client.stream.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                await client.stream.send_all(client_frame(1, signal) + client_frame(8, b"\x03\xe8"))
+                client.stream.socket.close()  # a reset: what the daemon sent stays unread
+                live = daemon.running.supervisor.sessions[command_id]
+                await live.reaped.wait()
+                assert live.status is not None and live.status.code == 138  # died of SIGUSR1

@@ -83,6 +83,7 @@ class ExecConnection:
         self.started_sent = False
         self._closed = False
         self._broken = False  # a send failed: the connection is gone
+        self._detached = False
         self._pings = transport.on_pong(self._on_pong)
 
     async def run(self) -> None:
@@ -108,9 +109,9 @@ class ExecConnection:
             self._detach()  # also when the client vanished between attaching and the first frame
 
     def _detach(self) -> None:
-        if self._attachment is not None and self.live is not None:
-            attachment, self._attachment = self._attachment, None
-            self._supervisor.detach(self.live, attachment)
+        if self._attachment is not None and self.live is not None and not self._detached:
+            self._detached = True
+            self._supervisor.detach(self.live, self._attachment)
 
     async def going_away(self) -> None:
         """The daemon is stopping: 1001 once ``started`` went out (the SDKs then
@@ -127,8 +128,6 @@ class ExecConnection:
                 self._closed = True
                 self._scope.cancel()
                 return
-            if self._closed:
-                continue  # after our close: read on only until the client's (RFC 6455 5.5.1)
             try:
                 if isinstance(text, bytes):
                     raise InvalidRequest("binary frames are not accepted; send JSON text frames")
@@ -280,7 +279,7 @@ class ExecConnection:
         """The client's pong: what it acknowledged may let the command run on; a parked
         stream with output written since that ping is woken to send the next ping."""
         live, attachment = self.live, self._attachment
-        if live is None or attachment is None:
+        if live is None or attachment is None or self._detached:
             return
         if receive_pong(attachment, payload, trio.current_time()):
             live.notify_consumed()
