@@ -364,3 +364,28 @@ async def raw_ws(address: str, path: str = "/execute/ws") -> AsyncIterator[RawWe
         ws = RawWebSocket(stream)
         await ws.handshake(address, path)
         yield ws
+
+
+@dataclass
+class Ticks:
+    """How many times a task that does nothing but yield has run (``counting_ticks``)."""
+
+    count: int = 0
+
+
+@asynccontextmanager
+async def counting_ticks() -> AsyncIterator[Ticks]:
+    """Run a task that counts its turns while the body runs: code under test that never
+    lets the scheduler run leaves the count where it was."""
+    ticks = Ticks()
+
+    async def tick() -> None:
+        while True:
+            ticks.count += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        await trio.lowlevel.checkpoint()  # (the ticker has started)
+        yield ticks
+        nursery.cancel_scope.cancel()

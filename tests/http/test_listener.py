@@ -9,6 +9,7 @@ from typing import cast
 import trio
 
 from sandboxd.http.listener import _ACCEPT_STREAK, AcceptControl, _accept
+from tests.helpers import counting_ticks
 
 
 def _listening() -> socket.socket:
@@ -50,7 +51,6 @@ async def test_every_connection_is_counted_at_its_accept_and_handed_to_the_handl
 async def test_a_burst_of_connections_does_not_hold_the_loop() -> None:
     listener = _listening()
     control = AcceptControl()
-    ticks = 0
     accepted = 0
 
     async def handler(stream: trio.SocketStream) -> None:
@@ -61,21 +61,12 @@ async def test_a_burst_of_connections_does_not_hold_the_loop() -> None:
 
     clients = [socket.create_connection(listener.getsockname()) for _ in range(100)]
     with trio.fail_after(10), listener:
-        async with trio.open_nursery() as nursery:
-
-            async def tick() -> None:
-                nonlocal ticks
-                while True:
-                    ticks += 1
-                    await trio.lowlevel.checkpoint()
-
-            nursery.start_soon(tick)
-            await trio.lowlevel.checkpoint()
-            start = ticks
+        async with counting_ticks() as ticks, trio.open_nursery() as nursery:
+            start = ticks.count
             nursery.start_soon(_accept, listener.dup(), control, nursery, handler)
             while accepted < len(clients):
                 await trio.lowlevel.checkpoint()
-            assert ticks - start >= 100 // _ACCEPT_STREAK
+            assert ticks.count - start >= 100 // _ACCEPT_STREAK
             nursery.cancel_scope.cancel()
     for client in clients:
         client.close()

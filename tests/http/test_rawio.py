@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from sandboxd.http.rawio import STREAK, RawSocket
+from tests.helpers import counting_ticks
 
 
 def _pair() -> tuple[trio.socket.SocketType, socket.socket]:
@@ -102,26 +103,15 @@ async def test_send_after_the_socket_is_closed_raises_broken_resource() -> None:
 async def test_operations_the_kernel_serves_at_once_still_let_other_tasks_run() -> None:
     ours, theirs = _pair()
     raw = RawSocket(ours)
-    ticks = 0
     rounds = STREAK * 8
     with trio.fail_after(5), ours, theirs:
         theirs.sendall(b"y" * rounds)
-        async with trio.open_nursery() as nursery:
-
-            async def tick() -> None:
-                nonlocal ticks
-                while True:
-                    ticks += 1
-                    await trio.lowlevel.checkpoint()
-
-            nursery.start_soon(tick)
-            await trio.lowlevel.checkpoint()  # (the ticker has started)
-            start = ticks
+        async with counting_ticks() as ticks:
+            start = ticks.count
             for _ in range(rounds):  # every one ready at once
                 assert await raw.receive(1) == b"y"
                 await raw.send([b"z"])
-            assert ticks - start >= (2 * rounds) // STREAK - 1
-            nursery.cancel_scope.cancel()
+            assert ticks.count - start >= (2 * rounds) // STREAK - 1
 
 
 async def test_a_cancelled_caller_streaming_without_waits_sees_the_cancellation() -> None:
