@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,7 @@ def test_upgrades_under_ten_streaming_commands_lose_nothing(tmp_path: Path) -> N
                     assert result.error is None, (result.key, result.error)
                 version = healthz(daemon.address)["version"]
                 command_pids = {s["command_id"]: s["pid"] for s in _sessions(daemon)}
-                extra = {p: f for p in command_pids.values() if (f := _extra_fds(p))}
+                extra = _held_fds(command_pids.values())
                 assert extra == {}, f"commands hold fds beyond 0-2: {extra}"
 
                 swaps: list[float] = []
@@ -200,6 +201,22 @@ def _sessions(daemon: DaemonProcess) -> list[dict[str, object]]:
     from tests.upgrade_helpers import sessions
 
     return sessions(daemon.address)
+
+
+def _held_fds(pids: Iterable[object]) -> dict[object, dict[int, str]]:
+    """The fds beyond 0-2 each command holds, that it still holds, to the same file, half a
+    second later: a command's shell holds a pipe of its own at fd 3 while it reads a
+    ``$(...)`` (``for i in $(seq ...)``), which a single look could take for a leaked fd."""
+    first = {pid: fds for pid in pids if (fds := _extra_fds(pid))}
+    if not first:
+        return {}
+    time.sleep(0.5)
+    held: dict[object, dict[int, str]] = {}
+    for pid, fds in first.items():
+        again = _extra_fds(pid)
+        if kept := {fd: target for fd, target in fds.items() if again.get(fd) == target}:
+            held[pid] = kept
+    return held
 
 
 def _extra_fds(pid: object) -> dict[int, str]:
