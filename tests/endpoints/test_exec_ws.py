@@ -249,6 +249,49 @@ async def test_pty_is_a_controlling_tty_merges_stderr_and_eot_ends_cat(daemon: D
     assert t.terminal["exit_code"] == 0
 
 
+#: A child that outlives its leader on the terminal and is not part of its command any more:
+#: deaf to the hangup the leader's exit sends, in a session of its own, untagged.
+HOLDER = (
+    "(trap '' HUP; exec env -i setsid sleep 60) & echo $! > {pid_file}; sleep 0.2; echo leader-done"
+)
+
+
+async def test_a_pty_child_left_holding_the_terminal_does_not_keep_its_relays_after_the_drain(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The leader exits; a background child that left the session and dropped its
+    # environment (nothing the daemon kills as part of the command) keeps the terminal.
+    # After the drain the session finishes, both relays are gone and the master is closed.
+    pid_file = tmp_path / "holder.pid"
+    command_id = new_id()
+    async with running_daemon(drain_seconds=0.5) as daemon:
+        holder = 0
+        try:
+            with trio.fail_after(20):
+                async with exec_socket(daemon.ws) as client:
+                    await client.start(
+                        command=HOLDER.format(pid_file=pid_file),
+                        command_id=command_id,
+                        pty=True,
+                    )
+                    live = daemon.running.supervisor.sessions[command_id]
+                    relays = live.child.relays
+                    assert relays is not None and all(psutil.pid_exists(pid) for pid in relays)
+                    t = await client.collect()
+                assert t.text("stdout") == "leader-done\r\n" and t.terminal["exit_code"] == 0
+                holder = int(pid_file.read_text())
+                while psutil.Process(holder).name() != "sleep":  # (bash until its exec)
+                    await trio.sleep(0.02)
+                while live.output_relay or live.input_relay:
+                    await trio.sleep(0.02)
+                assert live.terminal_fd is None
+                assert not {p.pid for p in psutil.Process().children()} & set(relays)
+        finally:
+            if holder:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(holder, 9)
+
+
 async def test_reconnect_to_a_running_command_resumes_at_the_offsets(
     daemon: Daemon,
 ) -> None:  # item 17

@@ -24,7 +24,7 @@ def shell_request(command: str, **fields: object) -> spawn.SpawnRequest:
 
 
 def close_fds(child: spawn.Child) -> None:
-    for fd in (child.output_fd, child.error_fd, child.input_fd):
+    for fd in (child.output_fd, child.error_fd, child.input_fd, child.terminal_fd):
         if fd is not None:
             os.close(fd)
 
@@ -64,7 +64,7 @@ async def run_to_exit(
             output += data
     finally:
         await stream.aclose()
-        for fd in (child.error_fd, child.input_fd):
+        for fd in (child.error_fd, child.input_fd, child.terminal_fd):
             if fd is not None:
                 os.close(fd)
     await done.wait()

@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import signal
+import stat
 import tempfile
 import time
 
@@ -142,6 +143,79 @@ async def test_a_pty_command_run_as_another_user_has_its_terminal_and_its_ids(
     assert (int(uid), int(gid)) == (other_user.uid, other_user.gid)
     assert {int(g) for g in groups.split()} == other_user.groups
     assert status.code == 0
+
+
+async def test_a_pty_command_talks_through_two_cat_relays_outside_its_session_and_tree() -> None:
+    reaper = process.Reaper()
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reaper.run)
+            child = spawn.spawn(shell_request("read line; echo got=$line", pty=True))
+            statuses: list[ExitStatus] = []
+            reaper.watch(child, statuses.append)
+            assert child.relays is not None and child.terminal_fd is not None
+            gone: list[int] = []
+            for pid in child.relays:
+                relay_child = spawn.Child(pid, -1, None, None, False)
+                reaper.watch(relay_child, lambda _status, pid=pid: gone.append(pid))
+            descendants = {p.pid for p in psutil.Process(child.pid).children(recursive=True)}
+            relay_program = spawn.relay_program()
+            assert relay_program is not None
+            for pid in child.relays:
+                relay = psutil.Process(pid)
+                assert relay.cmdline() == [spawn.RELAY_NAME]
+                assert relay.exe() == os.path.realpath(relay_program) == shutil.which("cat")
+                # Not named "cat": a `pkill cat` in the sandbox does not end PTY output.
+                assert pathlib.Path(f"/proc/{pid}/comm").read_text().strip() != "cat"
+                assert relay.ppid() == os.getpid() and pid not in descendants
+                assert os.getsid(pid) == pid  # a session of its own: no controlling terminal
+                assert relay.environ() == {}
+            # The daemon's ends are pipes; the master it keeps is never non-blocking (the
+            # relays share its open file, and cat gives up at an EAGAIN).
+            assert stat.S_ISFIFO(os.fstat(child.output_fd).st_mode)
+            assert child.input_fd is not None and stat.S_ISFIFO(os.fstat(child.input_fd).st_mode)
+            assert stat.S_ISCHR(os.fstat(child.terminal_fd).st_mode)
+            assert os.get_blocking(child.terminal_fd)
+            term = Terminal(child)
+            term.type(b"hello\n")
+            await term.expect(b"got=hello\r\n")
+            while not statuses:
+                await trio.sleep(0.01)
+            # The output relay ends by itself once the slave is closed, after all it read.
+            assert await term.stream.receive_some(65536) == b""
+            while child.relays[0] not in gone:
+                await trio.sleep(0.01)
+            os.close(child.input_fd)  # and the input relay at the EOF of its pipe
+            while child.relays[1] not in gone:
+                await trio.sleep(0.01)
+            await term.stream.aclose()
+            os.close(child.terminal_fd)
+            nursery.cancel_scope.cancel()
+    assert statuses[0].code == 0
+
+
+async def test_without_cat_a_pty_command_is_read_straight_from_the_master(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(spawn, "relay_program", lambda: None)
+    reaper = process.Reaper()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reaper.run)
+            children_before = {p.pid for p in psutil.Process().children()}
+            request = shell_request("tty; stty size", pty=True, cols=100, rows=30)
+            child = spawn.spawn(request)
+            assert child.relays is None and child.terminal_fd is None
+            assert stat.S_ISCHR(os.fstat(child.output_fd).st_mode)
+            new = {p.pid for p in psutil.Process().children()} - children_before
+            assert new == {child.pid}  # no relay started
+            os.close(child.output_fd)
+            assert child.input_fd is not None
+            os.close(child.input_fd)
+            status, out = await run_to_exit(reaper, request)
+            nursery.cancel_scope.cancel()
+    tty, size = out.decode().split("\r\n")[:2]
+    assert tty.startswith("/dev/pts/") and size == "30 100" and status.code == 0
 
 
 @pytest.mark.parametrize("as_other_user", [False, True], ids=["own-user", "other-user"])

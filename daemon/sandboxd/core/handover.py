@@ -125,6 +125,11 @@ class SessionRecord(_Strict):
     stdin_closing: bool = False
     terminal_open: bool = False
     spawner_peak_kib: _NonNegative = 0
+    #: A relayed PTY (runtime/spawn.py, "PTY relays"): stdout and input_fd are the relays'
+    #: pipes, ``terminal_fd`` the master; a relay's pid is 0 once it was reaped.
+    terminal_fd: _Fd = -1
+    output_relay: _NonNegative = 0
+    input_relay: _NonNegative = 0
 
 
 class UpgradeRecord(_Strict):

@@ -60,6 +60,9 @@ def capture(supervisor: Supervisor, now: float) -> list[SessionRecord]:
                 stdin_closing=closing,
                 terminal_open=terminal_open,
                 spawner_peak_kib=live.child.spawner_peak_kib,
+                terminal_fd=-1 if live.terminal_fd is None else live.terminal_fd,
+                output_relay=live.output_relay,
+                input_relay=live.input_relay,
             )
         )
     return records
@@ -69,23 +72,29 @@ def carried_fds(records: list[SessionRecord]) -> list[int]:
     """The fds the records claim."""
     fds: list[int] = []
     for record in records:
-        fds += [fd for fd in (record.stdout.fd, record.stderr.fd, record.input_fd) if fd >= 0]
+        claimed = (record.stdout.fd, record.stderr.fd, record.input_fd, record.terminal_fd)
+        fds += [fd for fd in claimed if fd >= 0]
     return fds
 
 
 def check_fds(records: list[SessionRecord]) -> None:
     """Raise ``ValueError`` unless every claimed fd is open here and of its kind (a FIFO
-    for pipe ends, a character device for a PTY master) and none is claimed twice."""
+    for pipe ends, also a relayed PTY's, a character device for a PTY master) and none is
+    claimed twice."""
     seen: set[int] = set()
     for record in records:
-        for fd in (record.stdout.fd, record.stderr.fd, record.input_fd):
+        relayed = record.output_relay or record.input_relay or record.terminal_fd >= 0
+        streams = (record.stdout.fd, record.stderr.fd, record.input_fd)
+        claimed = [(fd, record.pty and not relayed) for fd in streams]
+        claimed.append((record.terminal_fd, True))
+        for fd, terminal in claimed:
             if fd < 0:
                 continue
             if fd in seen or fd <= 2:
                 raise ValueError(f"fd {fd} claimed twice or a standard fd")
             seen.add(fd)
             mode = os.fstat(fd).st_mode  # OSError: not open
-            if not (stat.S_ISCHR(mode) if record.pty else stat.S_ISFIFO(mode)):
+            if not (stat.S_ISCHR(mode) if terminal else stat.S_ISFIFO(mode)):
                 raise ValueError(f"fd {fd} of {record.core.command_id} is not its pipe/PTY")
 
 
@@ -94,6 +103,10 @@ def check_pids(records: list[SessionRecord], parent: int, *, gone_ok: bool = Fal
     started when recorded (a zombie is fine). ``gone_ok``: a pid that no longer exists
     is fine (the pre-flight: the daemon reaps on while its candidate checks)."""
     for record in records:
+        for relay in (record.output_relay, record.input_relay):
+            found = reexec.parent_of(relay) if relay else parent
+            if found != parent and not (found == 0 and gone_ok):
+                raise ValueError(f"PTY relay {relay} of {record.core.command_id} is not a child")
         if record.core.state != "running" or record.reaped is not None:
             continue
         pid = record.core.pid
@@ -123,9 +136,13 @@ def rebuild(supervisor: Supervisor, records: list[SessionRecord], now: float) ->
             error_fd=None if record.pty else record.stderr.fd,
             input_fd=record.input_fd if record.input_fd >= 0 else None,
             pty=record.pty,
+            terminal_fd=record.terminal_fd if record.terminal_fd >= 0 else None,
         )
         child.spawner_peak_kib = record.spawner_peak_kib
+        if record.output_relay or record.input_relay or record.terminal_fd >= 0:
+            child.relays = (record.output_relay, record.input_relay)
         live = LiveSession(core, child, record.command)
+        supervisor.watch_relays(live)
         live.started_wall = record.started_wall
         live.ended_wall = record.ended_wall
         live.open_fds = {

@@ -7,9 +7,11 @@ registry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import time
 
 import trio
@@ -55,6 +57,10 @@ class LiveSession:
         self.input_open = child.input_fd is not None
         self.sanitizers: dict[Stream, Utf8Sanitizer] = {}
         self.first_read_ns = 0  # (monotonic: an upgrade times its stream gap)
+        # A relayed PTY (spawn.py, "PTY relays"): the master, held until both the output
+        # pump and the stdin writer have ended, and each relay's pid until it is reaped.
+        self.terminal_fd = child.terminal_fd
+        self.output_relay, self.input_relay = child.relays or (0, 0)
 
     def stdin_state(self) -> tuple[bytes, bool, bool]:
         """Queued stdin not yet written, whether stdin is closing, whether the terminal
@@ -147,8 +153,30 @@ class LiveSession:
     def resize(self, cols: int, rows: int) -> None:
         """Set a PTY command's window size; nothing for pipes or once its terminal closed."""
         if self.child.pty and self._terminal_open:
-            assert self.child.input_fd is not None
-            spawn.set_window_size(self.child.input_fd, cols, rows)
+            fd = self.terminal_fd if self.terminal_fd is not None else self.child.input_fd
+            assert fd is not None
+            spawn.set_window_size(fd, cols, rows)
+
+    # ---- PTY relays -------------------------------------------------------------
+
+    def relay_reaped(self, pid: int) -> None:
+        """The reaper collected relay ``pid``: it is never signalled after this."""
+        if pid == self.output_relay:
+            self.output_relay = 0
+        if pid == self.input_relay:
+            self.input_relay = 0
+
+    def _let_go_of_terminal(self, relay: int) -> None:
+        """The output pump or the stdin writer ended: kill its relay (one still there
+        waits on a terminal that a background child holds), and close the master once
+        neither needs it (the terminal hangs up when its last master fd closes)."""
+        if relay:  # not reaped yet, so the pid is still that relay's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(relay, signal.SIGKILL)
+        released = Stream.STDOUT not in self.open_fds and not self.input_open
+        if released and self.terminal_fd is not None:
+            os.close(self.terminal_fd)
+            self.terminal_fd = None
 
     async def write_stdin(self) -> None:
         """Write queued input to the child until stdin is closed or the child stops reading.
@@ -183,6 +211,8 @@ class LiveSession:
             self.input_open = False
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+            if self.child.relays is not None:
+                self._let_go_of_terminal(self.input_relay)
 
     # ---- output -----------------------------------------------------------------
 
@@ -229,4 +259,6 @@ class LiveSession:
             self.open_fds.pop(stream, None)
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+            if self.child.relays is not None:
+                self._let_go_of_terminal(self.output_relay)
             self.notify_changed()

@@ -9,14 +9,18 @@ The rules (design.md, "Processes"):
 * Children start in a new session (``setsid``), so the command's process group id is its
   pid; every signal disposition and the signal mask are reset; only fds 0-2 survive (all
   other fds in this process are close-on-exec, as Python makes them by default).
+* A PTY command's output and input pass through two relay processes (``cat``), so that
+  the daemon reads and writes pipes, never the master (see "PTY relays" below).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -65,10 +69,13 @@ class SpawnRequest:
 
 @dataclass(eq=False, slots=True)
 class Child:
-    """A started command. ``output_fd`` is the PTY master for a PTY command.
+    """A started command.
 
-    The fds belong to the caller, which must close them. ``popen`` is kept only so that
-    the reaper can mark it reaped; its wait/poll are never called.
+    For a PTY command with ``relays`` (their pids: output, input), ``output_fd`` and
+    ``input_fd`` are the relays' pipes and ``terminal_fd`` is the master, kept for
+    resizes; without relays (no ``cat``) ``output_fd`` is the master and ``input_fd`` a
+    dup of it. The fds belong to the caller, which must close them. ``popen`` is kept
+    only so that the reaper can mark it reaped; its wait/poll are never called.
     """
 
     pid: int
@@ -78,6 +85,8 @@ class Child:
     pty: bool
     popen: subprocess.Popen[bytes] | None = None
     spawner_peak_kib: int = 0  # the daemon's own peak RSS when it spawned this child
+    terminal_fd: int | None = None
+    relays: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.spawner_peak_kib = own_peak_rss_kib()
@@ -159,7 +168,7 @@ def spawn(request: SpawnRequest) -> Child:
 class _Stdio:
     """The fds of a child about to start: the daemon's ends and the child's."""
 
-    output_fd: int  # stdout, or the PTY master
+    output_fd: int  # stdout, the output relay's pipe, or the PTY master
     error_fd: int | None
     input_fd: int | None
     child_in: int | None  # None: /dev/null
@@ -168,6 +177,21 @@ class _Stdio:
     slave_path: str | None  # the PTY slave, opened by path in the child
     parent_fds: list[int]
     child_fds: list[int]
+    terminal_fd: int | None = None
+    relays: tuple[int, int] | None = None
+
+    def child(self, pid: int, pty: bool, popen: subprocess.Popen[bytes] | None = None) -> Child:
+        """The started ``Child`` that owns these fds."""
+        return Child(
+            pid,
+            self.output_fd,
+            self.error_fd,
+            self.input_fd,
+            pty,
+            popen,
+            terminal_fd=self.terminal_fd,
+            relays=self.relays,
+        )
 
     def close_parent_ends(self) -> None:
         for fd in self.parent_fds:
@@ -187,10 +211,29 @@ def _open_stdio(request: SpawnRequest) -> _Stdio:
             parent.append(master)
             child.append(slave)
             set_window_size(master, request.cols, request.rows)  # never start at 0x0
-            terminal_input = os.dup(master)
-            parent.append(terminal_input)
+            slave_path = os.ttyname(slave)
+            program = relay_program()
+            if program is None:
+                terminal_input = os.dup(master)
+                parent.append(terminal_input)
+                return _Stdio(
+                    master, None, terminal_input, slave, slave, slave, slave_path, parent, child
+                )
+            with _CWD_LOCK:  # (the relays start in "/", not in another spawn's work dir)
+                from_relay, to_relay, relays = _start_relays(program, master)
+            parent += [from_relay, to_relay]
             return _Stdio(
-                master, None, terminal_input, slave, slave, slave, os.ttyname(slave), parent, child
+                from_relay,
+                None,
+                to_relay,
+                slave,
+                slave,
+                slave,
+                slave_path,
+                parent,
+                child,
+                terminal_fd=master,
+                relays=relays,
             )
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -209,6 +252,86 @@ def _open_stdio(request: SpawnRequest) -> _Stdio:
         for fd in parent + child:
             os.close(fd)
         raise
+
+
+# ---- PTY relays ----------------------------------------------------------------------
+#
+# The kernel hands out a PTY master's output 4,095 bytes a read, and the writing command
+# stops once about 68 KB wait in the PTY. On the daemon's one thread each read waits behind
+# the framing and sending of what came before, so the command stalls in between (measured
+# with bench/pty_paths.py; docs/performance.md, "PTY"). A relay process reads the master
+# without stopping and fills a pipe that the daemon empties 256 KiB at a time.
+#
+# Two relays, because the master is one open file description: O_NONBLOCK set through any
+# fd of it is set on all, and the daemon's stdin writes need it, while ``cat`` gives up at
+# its first EAGAIN. So no fd of the master is ever made non-blocking: the output relay
+# reads it, the input relay writes it, both blocking, and the daemon keeps one more fd of
+# it for resizes and to hold the terminal until its session lets go (LiveSession).
+#
+# Each relay is ``cat`` in a session of its own (no controlling terminal, outside the
+# command's process group and tree: no signal for the command reaches it), with default
+# signal dispositions, an empty environment and stderr on /dev/null. It exits by itself:
+# the output relay when the master reports EIO (every holder of the slave closed it),
+# having written all it read; the input relay at the EOF of its pipe, or at EIO. The
+# session kills one that is left waiting on a terminal a background child still holds.
+
+#: The relays' argv[0]: what ``ps`` shows for them.
+RELAY_NAME = "sandboxd-pty-relay"
+
+
+@functools.cache
+def relay_program() -> str | None:
+    """The path to exec a relay by, or None (no ``cat``: PTYs are then read directly).
+
+    ``cat`` from /usr/bin or /bin, held open (O_PATH) and run as ``/proc/self/fd/N``:
+    the kernel names a process after the last part of the path it was exec'd by, so a
+    relay is not a "cat" to ``pkill cat`` or ``killall cat`` in the sandbox (which would
+    end the output of every PTY command); and a ``cat`` replaced on disk later does not
+    change what runs."""
+    path = shutil.which("cat", path="/usr/bin:/bin")
+    if path is None:
+        return None
+    try:
+        held = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    return f"/proc/self/fd/{held}"
+
+
+def _start_relays(program: str, master: int) -> tuple[int, int, tuple[int, int]]:
+    """Start the output and the input relay on ``master``: (the pipe end the daemon
+    reads, the pipe end it writes, (output relay pid, input relay pid)). On an error
+    nothing it opened stays open; a relay already started exits once its fds close."""
+    output_r, output_w = os.pipe()
+    input_r, input_w = os.pipe()
+    try:
+        pipesize.widen(output_r)
+        output_relay = _spawn_relay(program, master, output_w)
+        input_relay = _spawn_relay(program, input_r, master)
+    except OSError as exc:
+        os.close(output_r)
+        os.close(input_w)
+        raise SpawnFailed(f"cannot start the PTY relay: {exc.strerror}") from None
+    finally:
+        os.close(output_w)
+        os.close(input_r)
+    return output_r, input_w, (output_relay, input_relay)
+
+
+def _spawn_relay(program: str, source: int, sink: int) -> int:
+    return os.posix_spawn(
+        program,
+        [RELAY_NAME],
+        {},
+        file_actions=[
+            (os.POSIX_SPAWN_DUP2, source, 0),
+            (os.POSIX_SPAWN_DUP2, sink, 1),
+            (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
+        ],
+        setsid=True,
+        setsigmask=(),
+        setsigdef=_DEFAULT_SIGNALS,
+    )
 
 
 def _script(command: str) -> int:
@@ -292,7 +415,7 @@ def _posix_spawn(request: SpawnRequest, env: dict[str, str], user: identity.User
         stdio.close_child_ends()
         if script is not None:
             os.close(script)
-    return Child(pid, stdio.output_fd, stdio.error_fd, stdio.input_fd, request.pty)
+    return stdio.child(pid, request.pty)
 
 
 def _popen_as_user(request: SpawnRequest, env: dict[str, str], user: identity.User) -> Child:
@@ -335,4 +458,4 @@ def _popen_as_user(request: SpawnRequest, env: dict[str, str], user: identity.Us
         stdio.close_child_ends()
         for fd in scripts:
             os.close(fd)
-    return Child(popen.pid, stdio.output_fd, stdio.error_fd, stdio.input_fd, request.pty, popen)
+    return stdio.child(popen.pid, request.pty, popen)

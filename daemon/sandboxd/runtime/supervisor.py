@@ -34,6 +34,7 @@ from sandboxd.core.ringbuffer import BufferPool
 from sandboxd.core.session import (
     Attachment,
     EndReason,
+    ExitStatus,
     Expire,
     KillTree,
     Lifetimes,
@@ -54,6 +55,13 @@ log = logging.getLogger("sandboxd.supervisor")
 
 #: How many expired ids are remembered, to answer SessionExpired rather than CommandNotFound.
 EXPIRED_IDS_KEPT = 100_000
+
+
+def _relay_watcher(live: LiveSession, pid: int) -> Callable[[ExitStatus], None]:
+    def reaped(_status: ExitStatus) -> None:
+        live.relay_reaped(pid)
+
+    return reaped
 
 
 class Supervisor:
@@ -176,6 +184,7 @@ class Supervisor:
         )
         live = LiveSession(core, child, msg.command)
         self.reaper.watch(child, live.on_reaped, since=since)
+        self.watch_relays(live, since)
         self.sessions[command_id] = live
         self.commands_started += 1
         self._expired_ids.discard(command_id)
@@ -200,6 +209,14 @@ class Supervisor:
         """Return once no spawn is under way (as a ``user``, in a worker thread)."""
         while self._starting:
             await next(iter(self._starting.values())).wait()
+
+    def watch_relays(self, live: LiveSession, since: int | None = None) -> None:
+        """Register the PTY relays of ``live`` still running with the reaper (they are
+        the daemon's children: their statuses are the session's, not orphans')."""
+        for pid in (live.output_relay, live.input_relay):
+            if pid:
+                relay = spawn.Child(pid, -1, None, None, False)
+                self.reaper.watch(relay, _relay_watcher(live, pid), since)
 
     def adopt(self, live: LiveSession) -> None:
         """Take over a session the previous image ran (a live upgrade): its pid is
