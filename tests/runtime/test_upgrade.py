@@ -9,7 +9,7 @@ import hashlib
 import json
 import signal
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -451,3 +451,60 @@ async def test_an_expired_session_a_client_still_reads_is_carried_to_its_end(
             await stranger.run()
             assert stranger.terminal is not None
             assert stranger.terminal.get("error_type") == "SessionExpired"
+
+
+def _relays_of(daemon_pid: int) -> set[int]:
+    """The PTY relays running under the daemon (runtime/spawn.py, "PTY relays")."""
+    import psutil
+
+    found = set()
+    for child in psutil.Process(daemon_pid).children():
+        with suppress(psutil.Error):
+            if child.cmdline() == ["sandboxd-pty-relay"]:
+                found.add(child.pid)
+    return found
+
+
+async def _typed(address: str, command_id: str, offset: int, keys: str, until: str) -> int:
+    """Reattach at ``offset``, type ``keys``, read until ``until`` is in what came since;
+    the new offset."""
+    async with exec_socket(f"ws://{address}/execute/ws") as client:
+        await client.send(type="reconnect", command_id=command_id, stdout_offset=offset)
+        await client.recv_until("started")
+        await client.send(type="input", data=keys)
+        await client.recv_until_text("stdout", until)
+        return offset + len(client.transcript.text("stdout").encode())
+
+
+async def test_a_pty_session_keeps_its_terminal_and_its_relays_across_an_upgrade(
+    daemon_env: pytest.MonkeyPatch,
+) -> None:
+    command = 'while read -r line; do [ "$line" = size ] && stty size; echo "got $line"; done'
+    with daemon_process("--stop-grace", "1") as daemon, trio.fail_after(60):
+        address = daemon.address
+        async with exec_socket(f"ws://{address}/execute/ws") as client:
+            started = await client.start(command=command, pty=True, cols=80, rows=24)
+            await client.send(type="input", data="one\n")
+            await client.recv_until_text("stdout", "got one")
+            offset = len(client.transcript.text("stdout").encode())
+        command_id = started["command_id"]
+        relays = _relays_of(daemon.process.pid)
+        assert len(relays) == 2
+        daemon.process.send_signal(signal.SIGUSR2)
+        health = await wait_generation(address, 1)
+        assert health["last_upgrade"]["result"] == "ok"
+        # The same relays carry on; input typed now reaches the command, a resize too.
+        assert _relays_of(daemon.process.pid) == relays
+        offset = await _typed(address, command_id, offset, "two\n", "got two")
+        async with exec_socket(f"ws://{address}/execute/ws") as client:
+            await client.send(type="reconnect", command_id=command_id, stdout_offset=offset)
+            await client.recv_until("started")
+            await client.send(type="resize", cols=101, rows=37)
+            await client.send(type="input", data="size\n")
+            await client.recv_until_text("stdout", "got size")
+            assert "37 101" in client.transcript.text("stdout")
+            await client.send(type="input", data="\x04")  # EOT: read ends, so does the loop
+            end = await client.recv_until("exit")
+        assert end["exit_code"] == 0
+        while _relays_of(daemon.process.pid):
+            await trio.sleep(0.05)
