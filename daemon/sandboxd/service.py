@@ -163,6 +163,7 @@ async def serve(
     wsoptions.set_compression(config.ws_compression)
     wsoptions.harden_message_buffer()
     spawn.close_inherited_fds_on_exec()
+    spawn.relay_program()  # the PTY relays' program: held open from here on (one fd)
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     reaper = process.Reaper()
