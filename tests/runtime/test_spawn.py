@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -406,3 +407,21 @@ def test_own_peak_rss_is_vmhwm_of_this_process_on_every_call() -> None:
     grown[::4096] = b"x" * len(grown[::4096])
     assert spawn.own_peak_rss_kib() == vmhwm() >= 64 * 1024  # the kept fd reads afresh
     del grown
+
+
+def test_stray_relays_are_killed_and_their_terminal_hangs_up() -> None:
+    # What a fresh start after a failed handover does (runtime/resume.py): no session owns
+    # the relays any more. The command's terminal then hangs up once the master closes.
+    child = spawn.spawn(shell_request("read line", pty=True, close_stdin=False))
+    assert child.relays is not None and child.terminal_fd is not None
+    try:
+        assert spawn.kill_stray_relays() == 2
+        for pid in child.relays:
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        close_fds(child)  # as the fresh start closes every fd it inherited
+        _, status = os.waitpid(child.pid, 0)  # the hangup ends the shell's read
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGHUP
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)

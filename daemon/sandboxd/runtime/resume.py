@@ -21,7 +21,7 @@ from sandboxd import __version__
 from sandboxd.core.carry import restore_core, restore_ring
 from sandboxd.core.handover import HandoverRefused, HandoverState, UpgradeRecord, unseal
 from sandboxd.core.ringbuffer import BufferPool
-from sandboxd.runtime import carried, reexec
+from sandboxd.runtime import carried, reexec, spawn
 
 log = logging.getLogger("sandboxd.upgrade")
 
@@ -154,8 +154,8 @@ def _roll_back(fd: int, reason: str) -> None:
 
 def _fresh(fd: int, from_version: str, reason: str) -> Resumed:
     """Neither image can adopt the state: keep the listening socket if it can be found,
-    close every other inherited fd (the commands then see their ends close) and start
-    with no sessions."""
+    close every other inherited fd and kill the PTY relays (the commands then see their
+    ends close) and start with no sessions."""
     log.error("handover failed; starting fresh", extra={"reason": reason})
     sock = None
     listen = os.environ.pop(reexec.LISTEN_FD_VARIABLE, "")
@@ -176,6 +176,7 @@ def _fresh(fd: int, from_version: str, reason: str) -> Resumed:
     if fd not in keep:
         with contextlib.suppress(OSError):
             os.close(fd)
+    spawn.kill_stray_relays()  # their PTY commands' terminals then hang up
     for name in (reexec.ROLLBACK_VARIABLE, reexec.ROLLBACK_ENV_VARIABLE, reexec.REASON_VARIABLE):
         os.environ.pop(name, None)
     last = UpgradeRecord(

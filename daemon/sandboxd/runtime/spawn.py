@@ -298,6 +298,30 @@ def relay_program() -> str | None:
     return f"/proc/self/fd/{held}"
 
 
+def kill_stray_relays() -> int:
+    """SIGKILL every PTY relay that is a child of this process; how many. For a fresh
+    start after a failed handover: no session owns them any more, and the terminals they
+    hold open must hang up, as they did when the daemon held the only master fds. (A
+    child not reaped keeps its pid, so the pid read is still that relay's.)"""
+    me, killed = os.getpid(), 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
+            if parent != me:
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
+                if cmdline.read() != RELAY_NAME.encode() + b"\0":
+                    continue
+            os.kill(int(name), signal.SIGKILL)
+            killed += 1
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return killed
+
+
 def _start_relays(program: str, master: int) -> tuple[int, int, tuple[int, int]]:
     """Start the output and the input relay on ``master``: (the pipe end the daemon
     reads, the pipe end it writes, (output relay pid, input relay pid)). On an error
