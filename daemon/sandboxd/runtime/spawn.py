@@ -33,7 +33,7 @@ import trio
 
 from sandboxd.core import environment, launch
 from sandboxd.core.errors import SpawnFailed
-from sandboxd.runtime import identity, pipesize
+from sandboxd.runtime import identity, pipesize, reexec
 
 #: Every catchable classic signal: their dispositions are reset to default in the child,
 #: so a daemon that ignores one (SIGPIPE, as Python does) does not pass that on.
@@ -305,20 +305,16 @@ def kill_stray_relays() -> int:
     child not reaped keeps its pid, so the pid read is still that relay's.)"""
     me, killed = os.getpid(), 0
     for name in os.listdir("/proc"):
-        if not name.isdigit():
+        if not name.isdigit() or reexec.parent_of(int(name)) != me:
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
-            if parent != me:
-                continue
             with open(f"/proc/{name}/cmdline", "rb") as cmdline:
                 if cmdline.read() != RELAY_NAME.encode() + b"\0":
                     continue
             os.kill(int(name), signal.SIGKILL)
             killed += 1
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile, or not ours to read
+        except OSError:
+            continue  # gone meanwhile
     return killed
 
 
