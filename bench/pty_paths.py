@@ -49,6 +49,21 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def read_to_end(master: int) -> int:
+    """Bytes read from a PTY master by blocking 64 KiB reads until EOF or EIO: the plain
+    reader that bench/run.py's PTY row is measured against."""
+    received = 0
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: every holder of the slave closed it
+            break
+        if not chunk:
+            break
+        received += len(chunk)
+    return received
+
+
 def _framed_loop(fd: int, sink: int) -> int:
     """Read ``fd`` to EOF/EIO as sandboxd's pump and connection do, on one thread."""
     os.set_blocking(fd, False)
@@ -94,15 +109,7 @@ def run(mode: str, size: int) -> tuple[float, float, float]:
     relay_cpu = 0.0
     try:
         if mode == "plain":
-            received = 0
-            while True:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                received += len(chunk)
+            received = read_to_end(master)
         else:
             drain = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
             assert drain.stdin is not None

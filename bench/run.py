@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import dataplane
 from clients import RunResult, sandboxd_run, slow_reader, websocketd_run
+from pty_paths import read_to_end
 from servers import Server, start_sandboxd, start_websocketd, websocketd_path
 
 RESULTS = Path(__file__).parent / "results"
@@ -511,15 +512,7 @@ def _plain_pty_read(command: str, size: int) -> float:
     start = time.perf_counter()
     child = subprocess.Popen(["/bin/sh", "-c", command], stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
-    received = 0
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        received += len(chunk)
+    received = read_to_end(master)
     elapsed = time.perf_counter() - start
     os.close(master)
     child.wait()
