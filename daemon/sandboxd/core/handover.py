@@ -131,6 +131,11 @@ class SessionRecord(_Strict):
     output_relay: _NonNegative = 0
     input_relay: _NonNegative = 0
 
+    @property
+    def relayed(self) -> bool:
+        """A PTY whose output and input pass through relays (not read directly)."""
+        return bool(self.output_relay or self.input_relay or self.terminal_fd >= 0)
+
 
 class UpgradeRecord(_Strict):
     """The outcome of the last upgrade, as ``/healthz`` shows it."""

@@ -83,9 +83,8 @@ def check_fds(records: list[SessionRecord]) -> None:
     claimed twice."""
     seen: set[int] = set()
     for record in records:
-        relayed = record.output_relay or record.input_relay or record.terminal_fd >= 0
         streams = (record.stdout.fd, record.stderr.fd, record.input_fd)
-        claimed = [(fd, record.pty and not relayed) for fd in streams]
+        claimed = [(fd, record.pty and not record.relayed) for fd in streams]
         claimed.append((record.terminal_fd, True))
         for fd, terminal in claimed:
             if fd < 0:
@@ -139,7 +138,7 @@ def rebuild(supervisor: Supervisor, records: list[SessionRecord], now: float) ->
             terminal_fd=record.terminal_fd if record.terminal_fd >= 0 else None,
         )
         child.spawner_peak_kib = record.spawner_peak_kib
-        if record.output_relay or record.input_relay or record.terminal_fd >= 0:
+        if record.relayed:
             child.relays = (record.output_relay, record.input_relay)
         live = LiveSession(core, child, record.command)
         supervisor.watch_relays(live)
