@@ -213,26 +213,27 @@ def _open_stdio(request: SpawnRequest) -> _Stdio:
             set_window_size(master, request.cols, request.rows)  # never start at 0x0
             slave_path = os.ttyname(slave)
             program = relay_program()
-            if program is None:
-                terminal_input = os.dup(master)
-                parent.append(terminal_input)
-                return _Stdio(
-                    master, None, terminal_input, slave, slave, slave, slave_path, parent, child
-                )
-            with _CWD_LOCK:  # (the relays start in "/", not in another spawn's work dir)
-                from_relay, to_relay, relays = _start_relays(program, master)
-            parent += [from_relay, to_relay]
+            terminal: int | None = None
+            relays: tuple[int, int] | None = None
+            if program is None:  # the daemon reads and writes the master itself
+                reads, writes = master, os.dup(master)
+                parent.append(writes)
+            else:
+                with _CWD_LOCK:  # (the relays start in "/", not in another spawn's work dir)
+                    reads, writes, relays = _start_relays(program, master)
+                parent += [reads, writes]
+                terminal = master
             return _Stdio(
-                from_relay,
+                reads,
                 None,
-                to_relay,
+                writes,
                 slave,
                 slave,
                 slave,
                 slave_path,
                 parent,
                 child,
-                terminal_fd=master,
+                terminal_fd=terminal,
                 relays=relays,
             )
         out_r, out_w = os.pipe()
