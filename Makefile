@@ -8,7 +8,7 @@ TS_DIR := tests/sdk/ts
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench soak dist venv node web tools build-tools clean
+.PHONY: run test lint bench soak dist venv node web tools build-tools spawner clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,7 +58,16 @@ build-tools:
 	[ -f /usr/include/zlib.h ] || missing="$$missing zlib1g-dev"; \
 	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
 
+# The spawner helper (daemon/sandboxd/runtime/spawner.py): a static C program beside its
+# module, not committed. Without it the daemon spawns on its event loop (slower under load).
+SPAWNER := daemon/sandboxd/runtime/sandboxd-spawner
+$(SPAWNER): daemon/sandboxd/runtime/spawner.c | build-tools
+	$(CC) -O2 -s -static -Wall -Wextra -Werror -o $@ daemon/sandboxd/runtime/spawner.c
+
+spawner: $(SPAWNER)
+
 run: $(STAMP) $(WEB_ASSETS)
+	@$(MAKE) --no-print-directory spawner || echo "(no spawner helper built: commands spawn on the event loop)"
 	$(BIN)/sandboxd --listen 127.0.0.1:8080
 
 lint: $(STAMP)
@@ -66,7 +75,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check daemon tests packaging
 	$(BIN)/mypy --strict daemon packaging
 
-test: $(STAMP) $(TS_STAMP) $(WEB_ASSETS) tools lint dist
+test: $(STAMP) $(TS_STAMP) $(WEB_ASSETS) $(SPAWNER) tools lint dist
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The long hardening runs (several minutes): chaos (100 MB cut 100 times under the SDK),
@@ -91,10 +100,11 @@ $(LAUNCHER): packaging/launcher.c | build-tools
 	$(CC) -O2 -s -static -Wall -Wextra -Werror -o $@ packaging/launcher.c -lz
 
 # --add-data takes an absolute path: PyInstaller resolves relative ones from --specpath.
-$(ONEDIR)/sandboxd: $(STAMP) $(WEB_ASSETS) packaging/entry.py $(shell find daemon/sandboxd -name "*.py" -o -path "*/web/*" -type f)
+$(ONEDIR)/sandboxd: $(STAMP) $(WEB_ASSETS) $(SPAWNER) packaging/entry.py $(shell find daemon/sandboxd -name "*.py" -o -path "*/web/*" -type f)
 	$(BIN)/pyinstaller --onedir --name sandboxd --paths daemon --distpath build/onedir \
 		--workpath build/pyinstaller --specpath build --noconfirm --log-level WARN \
 		--add-data "$(CURDIR)/daemon/sandboxd/web:sandboxd/web" \
+		--add-binary "$(CURDIR)/$(SPAWNER):sandboxd/runtime" \
 		packaging/entry.py
 
 $(DIST): $(LAUNCHER) $(ONEDIR)/sandboxd packaging/pack.py
@@ -106,7 +116,7 @@ dist: $(DIST)
 # Full benchmarks, sandboxd and websocketd in one run; raw results in bench/results/.
 # (The daemon's bytecode is compiled first: with PYTHONDONTWRITEBYTECODE set, every start,
 # a live upgrade's new image above all, would compile the edited modules again.)
-bench: $(STAMP) tools
+bench: $(STAMP) $(SPAWNER) tools
 	$(BIN)/python -m compileall -q daemon/sandboxd
 	$(BIN)/python bench/run.py
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -389,3 +390,18 @@ async def counting_ticks() -> AsyncIterator[Ticks]:
         await trio.lowlevel.checkpoint()  # (the ticker has started)
         yield ticks
         nursery.cancel_scope.cancel()
+
+
+def is_spawner_helper(process: psutil.Process) -> bool:
+    """Whether ``process`` is a daemon's spawner helper (runtime/spawner.py), which lives
+    as long as the daemon; its ``comm`` is cut to 15 characters, its cmdline is whole."""
+    try:
+        return process.name() in ("sandboxd-spawner", "sandboxd-spawne")
+    except psutil.Error:
+        return False
+
+
+def command_processes(daemon: psutil.Process, recursive: bool = False) -> list[psutil.Process]:
+    """The daemon's children (descendants, with ``recursive``) but its spawner helper:
+    what its commands left behind, running or unreaped."""
+    return [p for p in daemon.children(recursive=recursive) if not is_spawner_helper(p)]

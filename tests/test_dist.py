@@ -21,6 +21,7 @@ from typing import TypeVar
 import psutil
 import pytest
 
+from tests.helpers import command_processes, is_spawner_helper
 from tests.sdk.conftest import DaemonProcess, sdk_sandbox, start_daemon
 
 DIST = Path(__file__).resolve().parents[1] / "dist" / "sandboxd"
@@ -144,6 +145,9 @@ def test_the_artifact_runs_as_pid_1_without_python_and_serves_the_sdk(
     assert unpacked.parent.name.startswith("sandboxd-")
     assert unpacked.parent.stat().st_mode & 0o777 == 0o700
     assert TOKEN not in " ".join(init.cmdline())  # moved into the environment, then exec'd
+    # The build carries the spawner helper, and the daemon runs it.
+    (helper,) = [p for p in init.children() if is_spawner_helper(p)]
+    assert Path(helper.exe()) == unpacked.parent / "_internal/sandboxd/runtime/sandboxd-spawner"
     result = sdk_sandbox(pid1.url, api_key=TOKEN).run(
         "echo pid1=$(cat /proc/1/comm); command -v python3 python || echo no python; "
         'echo "ld=${LD_LIBRARY_PATH-unset} pyi=$(compgen -e _PYI_)"; '
@@ -155,7 +159,7 @@ def test_the_artifact_runs_as_pid_1_without_python_and_serves_the_sdk(
     assert result.stdout == "pid1=sandboxd\nno python\nld=unset pyi=\n"
     assert result.stderr == "done\n"
     # The orphaned sleeps ended and were reaped.
-    assert _wait_until_empty(lambda: init.children(recursive=True)) == []
+    assert _wait_until_empty(lambda: command_processes(init, recursive=True)) == []
 
     init.send_signal(signal.SIGTERM)  # what `docker stop` does
     assert pid1.process.wait(timeout=30) == 0

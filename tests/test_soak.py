@@ -19,7 +19,7 @@ import psutil
 import pytest
 import trio
 
-from tests.helpers import exec_socket, http_request
+from tests.helpers import command_processes, exec_socket, http_request
 from tests.sdk.conftest import DaemonProcess, daemon_process
 
 COMMANDS = int(os.environ.get("SOAK_COMMANDS", "600"))
@@ -117,7 +117,7 @@ async def test_many_commands_of_every_kind_leave_no_trace(daemon: DaemonProcess)
         elapsed = time.monotonic() - started
         await sessions_gone(daemon.address)
         after = await settle(process, baseline, trio.current_time() + 15)
-        children = process.children(recursive=True)
+        children = command_processes(process, recursive=True)
     print(f"\nsoak seed {SEED}: {COMMANDS} commands in {elapsed:.1f} s")
     print(f"baseline {baseline}\nafter    {after}\noutcomes {sorted(outcomes.items())}")
     assert children == [], [(c.pid, c.name(), c.status()) for c in children]

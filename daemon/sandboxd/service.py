@@ -20,7 +20,7 @@ from sandboxd.core.session import SessionState
 from sandboxd.http import wsoptions
 from sandboxd.http.app import App
 from sandboxd.http.listener import AcceptControl, LeanOptions, serve_http
-from sandboxd.runtime import carried, memory, process, spawn
+from sandboxd.runtime import carried, memory, process, spawn, spawner
 from sandboxd.runtime.live import LiveSession
 from sandboxd.runtime.notify import Notifier
 from sandboxd.runtime.resume import Resumed
@@ -167,6 +167,7 @@ async def serve(
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     reaper = process.Reaper()
+    helper: spawner.SpawnHelper | None = None
     status = UpgradeStatus()
     if resumed is not None:
         status.generation, status.last = resumed.generation, resumed.last
@@ -189,6 +190,11 @@ async def serve(
                 supervisor.restore_counts(
                     state.expired_keys, state.commands_started, state.orphans_reaped
                 )
+            # The spawner helper: a previous image's (a live upgrade) is not an orphan.
+            spawner.collect_old_helpers(reaper)
+            supervisor.spawn_helper = helper = spawner.SpawnHelper.start(reaper)
+            if helper is not None:
+                nursery.start_soon(helper.run)
             await nursery.start(reaper.run)  # the first reap pass: every pid has its owner
             app = App(supervisor, config, port)
             control = AcceptControl()
@@ -251,5 +257,7 @@ async def serve(
                 await server_done.wait()
             sessions_nursery.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+    if helper is not None:
+        helper.stop()
     log.info("stopped")
     running.done.set()

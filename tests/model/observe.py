@@ -11,6 +11,8 @@ from typing import Any
 
 import psutil
 
+from tests.helpers import command_processes
+
 
 def sessions(address: str) -> dict[str, dict[str, Any]]:
     """``GET /sessions``, keyed by command id."""
@@ -46,9 +48,9 @@ def fd_count(pid: int) -> int:
 
 
 def live_children(pid: int) -> list[psutil.Process]:
-    """The process's descendants that are not zombies."""
+    """The process's descendants that are not zombies, but its spawner helper."""
     found = []
-    for child in psutil.Process(pid).children(recursive=True):
+    for child in command_processes(psutil.Process(pid), recursive=True):
         try:
             if child.status() != psutil.STATUS_ZOMBIE:
                 found.append(child)

@@ -8,6 +8,7 @@ import trio
 
 from sandboxd.core.session import ExitStatus
 from sandboxd.runtime import process, spawn
+from sandboxd.runtime.spawner import SpawnHelper
 
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 
@@ -30,13 +31,18 @@ def close_fds(child: spawn.Child) -> None:
 
 
 async def run_to_exit(
-    reaper: process.Reaper, req: spawn.SpawnRequest, stdin: bytes = b""
+    reaper: process.Reaper,
+    req: spawn.SpawnRequest,
+    stdin: bytes = b"",
+    helper: SpawnHelper | None = None,
 ) -> tuple[ExitStatus, bytes]:
     """Run ``req`` to its end; its stdout (or terminal) output and its status.
 
-    ``stdin`` is written first, then a pipe stdin is closed.
+    ``stdin`` is written first, then a pipe stdin is closed. With ``helper``, the spawner
+    helper starts it; else ``spawn.spawn`` does, on the loop.
     """
-    child = spawn.spawn(req)
+    since = reaper.sequence  # (a child the helper started can be reaped before watch)
+    child = await spawn.start(spawn.spawn, req, helper)
     if stdin:
         assert child.input_fd is not None
         os.write(child.input_fd, stdin)
@@ -50,7 +56,7 @@ async def run_to_exit(
         statuses.append(status)
         done.set()
 
-    reaper.watch(child, on_exit)
+    reaper.watch(child, on_exit, since)
     output = b""
     stream = trio.lowlevel.FdStream(child.output_fd)
     try:
@@ -69,6 +75,20 @@ async def run_to_exit(
                 os.close(fd)
     await done.wait()
     return statuses[0], output
+
+
+def assert_clean_start(pid: int) -> None:
+    """``pid`` has only fds 0-2, no signal blocked and signals 1-31 at their default.
+
+    (glibc's posix_spawn leaves its own internal signals 32 and 33 ignored; glibc
+    programs reinstall those themselves.)"""
+    fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+    where = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds if fd > 2}
+    assert fds == [0, 1, 2], where
+    with open(f"/proc/{pid}/status") as status_file:
+        status = dict(line.split(":\t", 1) for line in status_file.read().splitlines())
+    assert status["SigBlk"].strip() == "0000000000000000"
+    assert int(status["SigIgn"], 16) & 0x7FFFFFFF == 0, status["SigIgn"]
 
 
 class Terminal:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import trio
 
-from tests.helpers import exec_socket, run_command
+from tests.helpers import command_processes, exec_socket, is_spawner_helper, run_command
 from tests.sdk.conftest import DaemonProcess, start_daemon
 
 UNSHARE = shutil.which("unshare")
@@ -67,7 +67,26 @@ def spawned(request: pytest.FixtureRequest) -> Iterator[Spawned]:
 
 
 def zombies(process: psutil.Process) -> list[psutil.Process]:
-    return [p for p in process.children() if p.status() == psutil.STATUS_ZOMBIE]
+    return [p for p in command_processes(process) if p.status() == psutil.STATUS_ZOMBIE]
+
+
+async def test_commands_are_the_daemons_own_children_though_its_spawner_helper_starts_them(
+    spawned: Spawned,
+) -> None:
+    with trio.fail_after(30):
+        t = await run_command(spawned.ws, "echo $PPID; ps -o sid= -p $$; echo $$")
+        (helper,) = [p for p in spawned.daemon.children() if is_spawner_helper(p)]
+        helper.kill()
+        while helper.is_running():  # (a zombie until the daemon reaps it)
+            await trio.sleep(0.02)
+        after = await run_command(spawned.ws, "echo $PPID")  # now spawned on the loop
+    parent, session, pid = t.text("stdout").split()
+    inside = spawned.daemon.ppid() != os.getpid()  # (pid 1 in its own namespace)
+    assert int(parent) == (1 if inside else spawned.daemon.pid)
+    assert session == pid  # a session of its own
+    assert t.terminal["exit_code"] == 0
+    assert int(after.text("stdout")) == int(parent) and after.terminal["exit_code"] == 0
+    assert [p for p in spawned.daemon.children() if is_spawner_helper(p)] == []
 
 
 async def test_orphans_of_a_command_are_reaped(spawned: Spawned) -> None:
@@ -79,11 +98,11 @@ async def test_orphans_of_a_command_are_reaped(spawned: Spawned) -> None:
         assert t.terminal["exit_code"] == 0
         deadline = trio.current_time() + 8
         while trio.current_time() < deadline:
-            children = spawned.daemon.children()
+            children = command_processes(spawned.daemon)
             if not children:
                 break
             await trio.sleep(0.2)
-    assert spawned.daemon.children() == [] and zombies(spawned.daemon) == []
+    assert command_processes(spawned.daemon) == [] and zombies(spawned.daemon) == []
 
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])

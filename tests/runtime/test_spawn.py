@@ -20,7 +20,14 @@ from sandboxd.core.errors import InvalidRequest, SpawnFailed
 from sandboxd.core.session import ExitStatus
 from sandboxd.runtime import process, spawn
 from tests.conftest import OtherUser
-from tests.runtime.children import ENV, Terminal, close_fds, run_to_exit, shell_request
+from tests.runtime.children import (
+    ENV,
+    Terminal,
+    assert_clean_start,
+    close_fds,
+    run_to_exit,
+    shell_request,
+)
 
 
 async def test_exec_errors_inside_the_shell_are_126_and_127(tmp_path: pathlib.Path) -> None:
@@ -82,16 +89,9 @@ async def test_children_get_only_fds_0_to_2_and_default_signal_state(
         while "sleep" not in pathlib.Path(f"/proc/{child.pid}/wchan").read_text():
             assert time.monotonic() < deadline, "sleep never went to sleep"
             time.sleep(0.005)
-        fds = sorted(int(fd) for fd in os.listdir(f"/proc/{child.pid}/fd"))
-        where = {fd: os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in fds if fd > 2}
-        assert fds == [0, 1, 2], where
-        with open(f"/proc/{child.pid}/status") as status_file:
-            status = dict(line.split(":\t", 1) for line in status_file.read().splitlines())
-        assert status["SigBlk"].strip() == "0000000000000000"
-        # Signals 1-31 are all at their default, SIGPIPE included (Python ignores it in
-        # the daemon). glibc's posix_spawn leaves its own internal signals 32 and 33
-        # ignored; glibc programs reinstall those themselves.
-        assert int(status["SigIgn"], 16) & 0x7FFFFFFF == 0, status["SigIgn"]
+        # Signals 1-31 all at their default, SIGPIPE included (Python ignores it in the
+        # daemon).
+        assert_clean_start(child.pid)
     finally:
         os.kill(child.pid, signal.SIGKILL)
         os.waitpid(child.pid, 0)  # noqa: ASYNC222 - no reaper runs in this test

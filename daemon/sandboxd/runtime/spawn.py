@@ -28,12 +28,16 @@ import termios
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from sandboxd.core import environment, launch
 from sandboxd.core.errors import SpawnFailed
 from sandboxd.runtime import identity, pipesize, reexec
+
+if TYPE_CHECKING:
+    from sandboxd.runtime.spawner import SpawnHelper
 
 #: Every catchable classic signal: their dispositions are reset to default in the child,
 #: so a daemon that ignores one (SIGPIPE, as Python does) does not pass that on.
@@ -133,16 +137,23 @@ def set_window_size(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-async def start(spawner: Callable[[SpawnRequest], Child], request: SpawnRequest) -> Child:
-    """``spawner(request)`` on the event loop, or in a worker thread for a ``user`` (the
+async def start(
+    spawner: Callable[[SpawnRequest], Child],
+    request: SpawnRequest,
+    helper: SpawnHelper | None = None,
+) -> Child:
+    """Start ``request``: through the spawner ``helper`` while it runs (see spawner.py),
+    else ``spawner(request)`` on the event loop; in a worker thread for a ``user`` (the
     spawn changes the calling thread's credentials). Never abandoned once begun.
 
     On the loop, a vfork-style spawn holds the loop until the child has exec'd; that was
     measured cheaper, in CPU per command, than the worker thread's two hand-offs.
     """
-    if request.user is None:
-        return spawner(request)
-    return await trio.to_thread.run_sync(spawner, request)
+    if request.user is not None:
+        return await trio.to_thread.run_sync(spawner, request)
+    if helper is not None and helper.running:
+        return await helper.spawn(request, spawner)
+    return spawner(request)
 
 
 def spawn(request: SpawnRequest) -> Child:
@@ -202,7 +213,7 @@ class _Stdio:
             os.close(fd)
 
 
-def _open_stdio(request: SpawnRequest) -> _Stdio:
+def open_stdio(request: SpawnRequest) -> _Stdio:
     parent: list[int] = []
     child: list[int] = []
     try:
@@ -373,12 +384,19 @@ def _script(command: str) -> int:
     return fd
 
 
+def prepared_argv(request: SpawnRequest) -> tuple[list[str], int | None]:
+    """The argv to exec and the loader's script fd (to be put at ``SCRIPT_FD``), or None:
+    a command too long to be an argument runs from a memfd (see core/launch.py)."""
+    argv = request.argv
+    if launch.needs_loader(argv):
+        return launch.loader_argv(argv[0], SCRIPT_FD), _script(argv[2])
+    return argv, None
+
+
 def _posix_spawn(request: SpawnRequest, env: dict[str, str], user: identity.User | None) -> Child:
-    argv, script = request.argv, None
-    if launch.needs_loader(argv):  # too long to be an argument: see core/launch.py
-        argv, script = launch.loader_argv(argv[0], SCRIPT_FD), _script(argv[2])
+    argv, script = prepared_argv(request)
     try:
-        stdio = _open_stdio(request)
+        stdio = open_stdio(request)
     except BaseException:
         if script is not None:
             os.close(script)
@@ -448,7 +466,7 @@ def _popen_as_user(request: SpawnRequest, env: dict[str, str], user: identity.Us
         scripts = [_script(argv[2])]
         argv = launch.loader_argv(argv[0], scripts[0])
     try:
-        stdio = _open_stdio(request)
+        stdio = open_stdio(request)
     except BaseException:
         for fd in scripts:
             os.close(fd)

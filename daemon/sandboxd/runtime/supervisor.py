@@ -45,6 +45,7 @@ from sandboxd.runtime import process, spawn
 from sandboxd.runtime.handoff import Handoffs
 from sandboxd.runtime.live import STDIN_BUFFER_CAP, LiveSession
 from sandboxd.runtime.request import spawn_request
+from sandboxd.runtime.spawner import SpawnHelper
 
 if TYPE_CHECKING:  # (imported where used: it is not on the path to serving)
     import psutil
@@ -96,6 +97,7 @@ class Supervisor:
         self._upgrade_over = trio.Event()
         self._upgrade_over.set()
         self.commands_started = 0
+        self.spawn_helper: SpawnHelper | None = None  # (service.serve starts it)
         self._base_env = clean_environment(os.environ, frozen=getattr(sys, "frozen", False))
 
     @property
@@ -163,7 +165,7 @@ class Supervisor:
         try:
             since = self.reaper.sequence
             # Not abandoned on cancellation: the child is registered before anything else.
-            child = await spawn.start(self._spawn, request)
+            child = await spawn.start(self._spawn, request, self.spawn_helper)
         finally:
             del self._starting[command_id]
             starting.set()
