@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
+#: sandboxd's spawner helper (daemon/sandboxd/runtime/spawner.py), counted as its CPU.
+HELPER_NAME = "sandboxd-spawner"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -35,8 +38,19 @@ class Server:
         return psutil.Process(self.process.pid)
 
     def cpu_seconds(self) -> float:
-        times = self.psutil.cpu_times()
-        return float(times.user + times.system)
+        """utime + stime of the server and of its helper processes still running
+        (sandboxd's spawner helper: it does the spawns the daemon would)."""
+        process = self.psutil
+        times = process.cpu_times()
+        total = float(times.user + times.system)
+        for child in process.children():
+            try:
+                if child.cmdline()[:1] == [HELPER_NAME]:
+                    helper = child.cpu_times()
+                    total += float(helper.user + helper.system)
+            except (psutil.Error, IndexError):
+                continue
+        return total
 
     def rss(self) -> int:
         return int(self.psutil.memory_info().rss)
