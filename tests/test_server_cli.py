@@ -73,6 +73,7 @@ def test_the_daemon_logs_json_lines_and_stops_cleanly_on_ctrl_c() -> None:
         first = json.loads(proc.stderr.readline())
         assert first["msg"] == "listening" and first["level"] == "info"
         assert first["address"].startswith("127.0.0.1:")
+        assert first["spawner"] == "sandboxd-spawner"  # (make spawner built it)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         rest = [json.loads(line) for line in proc.stderr.read().splitlines()]

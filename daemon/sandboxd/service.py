@@ -238,7 +238,9 @@ async def serve(
                 nursery.start_soon(_log_timing, state, resumed.marks, supervisor)
             elif status.last is not None:
                 log_upgrade(status)
-            log.info("listening", extra={"address": address})
+            # Which spawner runs: the helper (runtime/spawner.py) or the loop's own spawns.
+            spawns = spawner.PROGRAM_NAME if helper is not None else "event loop"
+            log.info("listening", extra={"address": address, "spawner": spawns})
             if notifier is not None:
                 notifier.send("READY=1", f"STATUS=listening on {address}")
                 nursery.start_soon(notifier.keep_watchdog)

@@ -32,16 +32,19 @@ async def running_helper() -> AsyncIterator[tuple[process.Reaper, spawner.SpawnH
     reaper = process.Reaper()
     reaper.reap_all()  # what earlier tests in this process left unreaped is not ours
     reaper.orphans_reaped = 0
-    async with trio.open_nursery() as nursery:
-        await nursery.start(reaper.run)
-        helper = spawner.SpawnHelper.start(reaper)
-        assert helper is not None, f"{spawner.PROGRAM} is not built: make spawner"
-        nursery.start_soon(helper.run)
-        try:
-            yield reaper, helper
-        finally:
-            nursery.cancel_scope.cancel()
-    assert helper.reaped and not helper.running  # collected: no zombie for a later test
+    helper = spawner.SpawnHelper.start(reaper)
+    assert helper is not None, f"{spawner.PROGRAM} is not built: make spawner"
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reaper.run)
+            nursery.start_soon(helper.run)
+            try:
+                yield reaper, helper
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        helper.stop()  # as service.serve does once its reaper no longer runs
+    assert helper.reaped and not helper.running
 
 
 def _wait_until_asleep(pid: int) -> None:
@@ -221,6 +224,31 @@ async def test_a_dead_helper_fails_the_spawn_it_held_and_later_ones_run_on_the_l
             assert not helper.running
             status, out = await run_to_exit(reaper, shell_request("echo loop"), b"", helper)
             assert (status.code, out) == (0, b"loop\n")
+            while not helper.reaped:
+                await trio.sleep(0.01)
+            assert reaper.watched == 0  # the reaper collected the helper: no owner left
+    assert reaper.orphans_reaped == 0
+
+
+async def test_a_request_the_helper_dies_in_the_middle_of_is_run_on_the_loop() -> None:
+    # 1.5 MB: far past the socket's buffer, within what an exec takes
+    big = {"PATH": "/usr/bin:/bin"} | {f"BIG{i}": "x" * 100_000 for i in range(15)}
+    with trio.fail_after(20):
+        async with running_helper() as (reaper, helper):
+            os.kill(helper.pid, signal.SIGSTOP)  # it reads nothing: the send stops part way
+            results: list[tuple[ExitStatus, bytes]] = []
+
+            async def one() -> None:
+                request = shell_request('echo "${#BIG0}${#BIG14}"', env=big)
+                results.append(await run_to_exit(reaper, request, b"", helper))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one)
+                await trio.testing.wait_all_tasks_blocked()
+                assert results == [] and helper.running
+                os.kill(helper.pid, signal.SIGKILL)
+            assert not helper.running
+    assert [(status.code, out) for status, out in results] == [(0, b"100000100000\n")]
     assert reaper.orphans_reaped == 0
 
 
@@ -231,6 +259,9 @@ async def test_helpers_of_a_previous_image_are_collected_and_not_orphans() -> No
     old_pid = old.pid
     reaper = process.Reaper()
     with trio.fail_after(10):
+        old.close()  # as the exec of a new image closes it: the old helper exits
+        while psutil.Process(old_pid).status() != psutil.STATUS_ZOMBIE:
+            await trio.sleep(0.01)
         async with trio.open_nursery() as nursery:
             assert spawner.collect_old_helpers(reaper) == 1
             await nursery.start(reaper.run)
@@ -239,7 +270,6 @@ async def test_helpers_of_a_previous_image_are_collected_and_not_orphans() -> No
             nursery.cancel_scope.cancel()
     assert reaper.orphans_reaped == 0
     assert not psutil.pid_exists(old_pid)
-    old.close()
 
 
 async def test_a_spawn_the_dead_helper_never_received_runs_on_the_loop_instead() -> None:

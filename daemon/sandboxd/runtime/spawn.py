@@ -176,7 +176,7 @@ def spawn(request: SpawnRequest) -> Child:
 
 
 @dataclass(slots=True)
-class _Stdio:
+class Stdio:
     """The fds of a child about to start: the daemon's ends and the child's."""
 
     output_fd: int  # stdout, the output relay's pipe, or the PTY master
@@ -213,7 +213,7 @@ class _Stdio:
             os.close(fd)
 
 
-def open_stdio(request: SpawnRequest) -> _Stdio:
+def open_stdio(request: SpawnRequest) -> Stdio:
     parent: list[int] = []
     child: list[int] = []
     try:
@@ -234,7 +234,7 @@ def open_stdio(request: SpawnRequest) -> _Stdio:
                     reads, writes, relays = _start_relays(program, master)
                 parent += [reads, writes]
                 terminal = master
-            return _Stdio(
+            return Stdio(
                 reads,
                 None,
                 writes,
@@ -259,7 +259,7 @@ def open_stdio(request: SpawnRequest) -> _Stdio:
             child_in, input_fd = os.pipe()
             parent.append(input_fd)
             child.append(child_in)
-        return _Stdio(out_r, err_r, input_fd, child_in, out_w, err_w, None, parent, child)
+        return Stdio(out_r, err_r, input_fd, child_in, out_w, err_w, None, parent, child)
     except BaseException:
         for fd in parent + child:
             os.close(fd)

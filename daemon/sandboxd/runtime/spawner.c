@@ -91,14 +91,10 @@ static int child_main(void *arg) {
         if (dup2(job->fds[next++], 1) < 0 || dup2(job->fds[next++], 2) < 0)
             fail(job, STAGE_STDIO);
     }
-    if (job->flags & FLAG_SCRIPT) {
-        int script = job->fds[next];
-        if (script == SCRIPT_FD) {
-            if (fcntl(script, F_SETFD, 0) < 0) fail(job, STAGE_STDIO);
-        } else if (dup2(script, SCRIPT_FD) < 0) {
-            fail(job, STAGE_STDIO);
-        }
-    }
+    /* (Received fds are all above 3: 0-2 are /dev/null and 3 the channel, so this dup2
+     * never meets its own fd.) */
+    if ((job->flags & FLAG_SCRIPT) && dup2(job->fds[next], SCRIPT_FD) < 0)
+        fail(job, STAGE_STDIO);
     if (chdir(job->cwd) < 0) fail(job, STAGE_CHDIR);
     execve(job->path, job->argv, job->envp);
     return fail(job, STAGE_EXEC);

@@ -35,8 +35,8 @@ import outcome
 import trio
 
 from sandboxd.core.errors import SpawnFailed
-from sandboxd.runtime import process, reexec, spawn
-from sandboxd.runtime.spawn import Child, SpawnRequest
+from sandboxd.runtime import process, spawn
+from sandboxd.runtime.spawn import Child, SpawnRequest, Stdio
 
 log = logging.getLogger("sandboxd.spawner")
 
@@ -53,6 +53,10 @@ _REPLY = struct.Struct("<iii")
 _STAGE_CHDIR = 3
 _STAGE_EXEC = 4
 _STAGES = {1: "setsid", 2: "its stdio", 3: "chdir", 4: "exec", 5: "clone"}
+#: The largest request the helper reads (spawner.c's MAX_REQUEST); bigger ones, far past
+#: what an exec takes anyway, are spawned on the loop, which reports the error.
+MAX_REQUEST = 64 << 20
+_SLACK = 4096  # the header and the slave's path, with room to spare
 
 
 class SpawnerGone(SpawnFailed):
@@ -71,7 +75,13 @@ class _Waiter:
 
 
 class SpawnHelper:
-    """The running helper: its pid and the daemon's end of its socket."""
+    """The running helper: its pid and the daemon's end of its socket.
+
+    A request reaches the helper whole or not at all as far as a spawn goes: it starts
+    nothing until it has read all of one. So a spawn whose send did not finish (the helper
+    died, or the socket failed) started nothing and is run on the loop instead; only one
+    sent whole and left unanswered is in doubt (``SpawnerGone``).
+    """
 
     def __init__(self, pid: int, channel: socket.socket, reaper: process.Reaper) -> None:
         self.pid = pid
@@ -79,15 +89,14 @@ class SpawnHelper:
         self._reaper = reaper
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._send_lock = trio.Lock()
-        self.running = True
+        self.running = True  # taking requests
         self.reaped = False
         reaper.watch(Child(pid, -1, None, None, False), self._exited)
 
     @classmethod
     def start(cls, reaper: process.Reaper, program: Path = PROGRAM) -> SpawnHelper | None:
-        """Start the helper, or None when it is not built or cannot start (logged)."""
+        """Start the helper; None when it is not built, or cannot start (logged)."""
         if not os.access(program, os.X_OK):
-            log.info("no spawner helper (%s not built): spawning on the event loop", program)
             return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -115,17 +124,35 @@ class SpawnHelper:
         return cls(pid, ours, reaper)
 
     def _exited(self, _status: object) -> None:
+        # (run() still reads the answers the helper wrote before it died, up to the EOF.)
         self.reaped = True
-        self.close()
+        self.running = False
 
     def _fail_waiters(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             trio.lowlevel.reschedule(waiter.task, outcome.Error(SpawnerGone("the spawner exited")))
 
+    def _stop_taking_requests(self) -> None:
+        """No new requests; the helper does those it has, then exits at the EOF."""
+        self.running = False
+        with contextlib.suppress(OSError):
+            self._channel.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        """Stop using the helper: the socket is closed (the helper exits at the EOF) and
+        spawns still awaiting an answer fail with ``SpawnerGone``. The reaper, if it still
+        runs, collects the helper; see ``stop``."""
+        self.running = False
+        fd = self._channel.fileno()
+        if fd >= 0:
+            trio.lowlevel.notify_closing(fd)
+            self._channel.close()
+        self._fail_waiters()
+
     def stop(self) -> None:
-        """End the helper and collect it, for a daemon that stops (its reaper no longer
-        runs): no zombie is left behind for whoever reaps in this process next."""
+        """``close``, and collect the helper at once, for a daemon that stops (its reaper
+        no longer runs): no zombie is left for whoever reaps in this process next."""
         self.close()
         if not self.reaped:  # still our unreaped child: its pid cannot have been reused
             self.reaped = True
@@ -133,21 +160,16 @@ class SpawnHelper:
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
 
-    def close(self) -> None:
-        """Stop using the helper; it exits at the EOF."""
-        self.running = False
-        if self._channel.fileno() >= 0:
-            trio.lowlevel.notify_closing(self._channel.fileno())
-            self._channel.close()
-        self._fail_waiters()
-
     async def run(self) -> None:
         """Hand each answer to the spawn awaiting it, until the helper's EOF; then (or
-        when cancelled) end and collect the helper."""
-        fd = self._channel.fileno()
+        when cancelled) close the socket and make sure the helper ends (the reaper
+        collects it)."""
         pending = b""
         try:
             while True:
+                fd = self._channel.fileno()  # (-1 once closed: never a reused fd number)
+                if fd < 0:
+                    return
                 try:
                     data = os.read(fd, _REPLY.size * 256)
                 except BlockingIOError:
@@ -159,6 +181,9 @@ class SpawnHelper:
                 pending += data
                 whole = len(pending) - len(pending) % _REPLY.size
                 for offset in range(0, whole, _REPLY.size):
+                    if not self._waiters:
+                        log.error("the spawner helper answered an unasked request")
+                        return
                     waiter = self._waiters.popleft()
                     reply = _REPLY.unpack_from(pending, offset)
                     trio.lowlevel.reschedule(waiter.task, outcome.Value(reply))
@@ -166,7 +191,10 @@ class SpawnHelper:
         except (OSError, trio.ClosedResourceError):
             return
         finally:
-            self.stop()
+            self.close()
+            if not self.reaped:  # not yet reaped, so still this helper's pid
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
 
     async def spawn(
         self,
@@ -174,8 +202,9 @@ class SpawnHelper:
         fallback: Callable[[SpawnRequest], Child] = spawn.spawn,
     ) -> Child:
         """Start ``request`` (no ``user``) through the helper, or with ``fallback`` on the
-        loop if the helper is gone before it got the request; raises ``SpawnFailed``
-        (``SpawnerGone`` if it died holding the request: the command may have started)."""
+        loop when the helper did not get the whole request; raises ``SpawnFailed``
+        (``SpawnerGone`` if it died holding the request: the command may have started).
+        Not cancellable: once begun, a spawn is seen through (see spawn.start)."""
         try:
             return await self._spawn(request)
         except _NotSent:
@@ -187,11 +216,15 @@ class SpawnHelper:
             strings = _argv_and_env(argv, request.env)  # (first: it may raise ValueError)
             if "\0" in request.cwd:
                 raise ValueError("embedded null byte")
+            size = len(strings) + len(os.fsencode(argv[0])) + len(request.cwd) * 4 + _SLACK
+            if size > MAX_REQUEST:
+                raise _NotSent("too big for the helper")  # (the loop's spawn says why)
             stdio = spawn.open_stdio(request)
         except BaseException:
             if script is not None:
                 os.close(script)
             raise
+        since = self._reaper.sequence
         try:
             flags, fds = 0, []
             if stdio.slave_path is not None:
@@ -208,17 +241,16 @@ class SpawnHelper:
             head = [argv[0], request.cwd] + ([stdio.slave_path] if stdio.slave_path else [])
             body = b"".join(os.fsencode(part) + b"\0" for part in head) + strings
             message = _HEADER.pack(len(body), flags, len(argv), len(request.env)) + body
-            since = self._reaper.sequence
             pid, stage, errno = await self._call(message, fds)
         except BaseException:
-            stdio.close_parent_ends()
+            self._let_go(stdio, since)
             raise
         finally:
             stdio.close_child_ends()
             if script is not None:
                 os.close(script)
         if stage:
-            stdio.close_parent_ends()
+            self._let_go(stdio, since)
             if pid > 0:  # the child that failed is ours to reap: not an orphan
                 self._reaper.watch(Child(pid, -1, None, None, False), _ignore, since)
             reason = os.strerror(errno)
@@ -229,39 +261,48 @@ class SpawnHelper:
             raise SpawnFailed(f"cannot start {argv[0]!r} ({_STAGES.get(stage, stage)}): {reason}")
         return stdio.child(pid, request.pty)
 
+    def _let_go(self, stdio: Stdio, since: int) -> None:
+        """Close the daemon's ends of a spawn that did not happen; its PTY relays (which
+        then end by themselves) are the reaper's to collect, not orphans."""
+        stdio.close_parent_ends()
+        for pid in stdio.relays or ():
+            self._reaper.watch(Child(pid, -1, None, None, False), _ignore, since)
+
     async def _call(self, message: bytes, fds: list[int]) -> tuple[int, int, int]:
-        """Send one request and await its answer (uncancellably once anything is sent)."""
+        """Send one request and await its answer. Raises ``_NotSent`` when the request did
+        not reach the helper whole (nothing was started)."""
         if not self.running:
             raise _NotSent("the spawner exited")
         try:
             self._send_lock.acquire_nowait()  # (no checkpoint when no other send is under way)
         except trio.WouldBlock:
-            await self._send_lock.acquire()
-        waiter = _Waiter(trio.lowlevel.current_task())
+            with trio.CancelScope(shield=True):  # (open_stdio has run: see it through)
+                await self._send_lock.acquire()
         try:
-            fd = self._channel.fileno()
+            if not self.running:
+                raise _NotSent("the spawner exited")
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
             view = memoryview(message)
             while view:
+                fd = self._channel.fileno()
+                if fd < 0:
+                    raise _NotSent("the spawner exited")
                 try:
                     sent = self._channel.sendmsg([view], ancillary)
                 except BlockingIOError:
-                    with trio.CancelScope(shield=ancillary == []):
+                    with trio.CancelScope(shield=True):
                         await trio.lowlevel.wait_writable(fd)
                     continue
-                if ancillary:  # the fds went with the first byte: now this must finish
-                    self._waiters.append(waiter)
-                    ancillary = []
+                ancillary = []  # (the fds went with the first byte)
                 view = view[sent:]
-        except OSError as exc:
-            sent = waiter in self._waiters
-            if sent:
-                self._waiters.remove(waiter)
-            self.close()
-            gone = SpawnerGone if sent else _NotSent
-            raise gone(f"the spawner is gone: {exc}") from None
+        except (OSError, trio.ClosedResourceError) as exc:
+            # Not all of it reached the helper: it starts nothing from a part. A part
+            # already sent would be taken for the start of the next request: no more.
+            self._stop_taking_requests()
+            raise _NotSent(f"the spawner is gone: {exc}") from None
         finally:
             self._send_lock.release()
+        self._waiters.append(_Waiter(trio.lowlevel.current_task()))
 
         def abort(_: object) -> trio.lowlevel.Abort:
             return trio.lowlevel.Abort.FAILED  # sent: the spawn happens, and is awaited
@@ -291,17 +332,21 @@ def _argv_and_env(argv: list[str], env: dict[str, str]) -> bytes:
 
 def collect_old_helpers(reaper: process.Reaper) -> int:
     """Register with ``reaper`` (as not orphans) and SIGKILL the helpers a previous image
-    of this process started (a live upgrade's exec closed their sockets: they exit at the
-    EOF anyway); how many."""
+    of this process started; how many. (A live upgrade's exec closed their sockets, so
+    they exit at the EOF: most are zombies by now, whose cmdline is empty, so they are
+    known by their ``comm``, which the kernel cuts to 15 characters.)"""
     me, found = os.getpid(), 0
+    comm = b"(" + PROGRAM_NAME.encode()[:15] + b")"
     for name in os.listdir("/proc"):
-        if not name.isdigit() or reexec.parent_of(int(name)) != me:
+        if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
-                if cmdline.read() != PROGRAM_NAME.encode() + b"\0":
-                    continue
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
         except OSError:
+            continue
+        end = stat.rfind(b")") + 1
+        if stat[stat.find(b"(") : end] != comm or int(stat[end + 1 :].split()[1]) != me:
             continue
         reaper.watch(Child(int(name), -1, None, None, False), _ignore)
         with contextlib.suppress(OSError):
