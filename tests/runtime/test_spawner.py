@@ -286,3 +286,17 @@ async def test_a_spawn_the_dead_helper_never_received_runs_on_the_loop_instead()
             assert not helper.running
     assert (status.code, out) == (0, f"{os.getpid()}\n".encode())
     assert reaper.orphans_reaped == 0
+
+
+async def test_the_peak_rss_of_a_command_smaller_than_the_daemon_is_still_reported() -> None:
+    # Its vfork shared the helper's memory, not the daemon's (which, here, holds more).
+    hold = bytearray(64 << 20)
+    hold[::4096] = b"x" * len(hold[::4096])  # touched: the test process's peak grows
+    script = 'x=$(head -c 20000000 /dev/zero | tr "\\0" a); echo "${#x}"'
+    with trio.fail_after(20):
+        async with running_helper() as (reaper, helper):
+            status, out = await run_to_exit(reaper, shell_request(script), b"", helper)
+    assert out == b"20000000\n" and status.code == 0
+    assert spawn.own_peak_rss_kib() * 1024 > 64 << 20
+    assert status.peak_rss_bytes is not None and status.peak_rss_bytes >= 20_000_000
+    del hold

@@ -88,12 +88,15 @@ class Child:
     input_fd: int | None
     pty: bool
     popen: subprocess.Popen[bytes] | None = None
-    spawner_peak_kib: int = 0  # the daemon's own peak RSS when it spawned this child
+    #: The peak RSS of the process whose memory the child shared until its exec (the
+    #: daemon's, or the spawner helper's; see process.exit_status); 0: the daemon's now.
+    spawner_peak_kib: int = 0
     terminal_fd: int | None = None
     relays: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        self.spawner_peak_kib = own_peak_rss_kib()
+        if not self.spawner_peak_kib:
+            self.spawner_peak_kib = own_peak_rss_kib()
 
 
 def own_peak_rss_kib() -> int:
@@ -191,7 +194,13 @@ class Stdio:
     terminal_fd: int | None = None
     relays: tuple[int, int] | None = None
 
-    def child(self, pid: int, pty: bool, popen: subprocess.Popen[bytes] | None = None) -> Child:
+    def child(
+        self,
+        pid: int,
+        pty: bool,
+        popen: subprocess.Popen[bytes] | None = None,
+        spawner_peak_kib: int = 0,
+    ) -> Child:
         """The started ``Child`` that owns these fds."""
         return Child(
             pid,
@@ -200,6 +209,7 @@ class Stdio:
             self.input_fd,
             pty,
             popen,
+            spawner_peak_kib,
             terminal_fd=self.terminal_fd,
             relays=self.relays,
         )

@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ _STAGES = {1: "setsid", 2: "its stdio", 3: "chdir", 4: "exec", 5: "clone"}
 #: what an exec takes anyway, are spawned on the loop, which reports the error.
 MAX_REQUEST = 64 << 20
 _SLACK = 4096  # the header and the slave's path, with room to spare
+#: How ``os.fsencode`` encodes (the request's strings are encoded in one go).
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 class SpawnerGone(SpawnFailed):
@@ -91,6 +94,11 @@ class SpawnHelper:
         self._send_lock = trio.Lock()
         self.running = True  # taking requests
         self.reaped = False
+        # What a command's ru_maxrss starts from (its vfork shared the helper's memory):
+        # the helper's peak, which grows by at most the largest request (its copy and an
+        # 8-byte pointer per string). Kept as an upper bound, not read at every spawn.
+        self._base_kib = _peak_rss_kib(pid) + 1024
+        self._peak_kib = self._base_kib
         reaper.watch(Child(pid, -1, None, None, False), self._exited)
 
     @classmethod
@@ -216,7 +224,7 @@ class SpawnHelper:
             strings = _argv_and_env(argv, request.env)  # (first: it may raise ValueError)
             if "\0" in request.cwd:
                 raise ValueError("embedded null byte")
-            size = len(strings) + len(os.fsencode(argv[0])) + len(request.cwd) * 4 + _SLACK
+            size = len(strings) * 2 + len(request.cwd) * 4 + _SLACK  # (argv[0] twice)
             if size > MAX_REQUEST:
                 raise _NotSent("too big for the helper")  # (the loop's spawn says why)
             stdio = spawn.open_stdio(request)
@@ -239,8 +247,10 @@ class SpawnHelper:
                 flags |= _FLAG_SCRIPT
                 fds.append(script)
             head = [argv[0], request.cwd] + ([stdio.slave_path] if stdio.slave_path else [])
-            body = b"".join(os.fsencode(part) + b"\0" for part in head) + strings
+            body = ("\0".join(head) + "\0").encode(_FS_ENCODING, _FS_ERRORS) + strings
             message = _HEADER.pack(len(body), flags, len(argv), len(request.env)) + body
+            copy = len(message) + 8 * (len(argv) + len(request.env) + 5)
+            self._peak_kib = max(self._peak_kib, self._base_kib + copy // 1024 + 1)
             pid, stage, errno = await self._call(message, fds)
         except BaseException:
             self._let_go(stdio, since)
@@ -259,7 +269,7 @@ class SpawnHelper:
             if stage == _STAGE_EXEC:
                 raise SpawnFailed(f"cannot run {argv[0]!r}: {reason}")
             raise SpawnFailed(f"cannot start {argv[0]!r} ({_STAGES.get(stage, stage)}): {reason}")
-        return stdio.child(pid, request.pty)
+        return stdio.child(pid, request.pty, spawner_peak_kib=self._peak_kib)
 
     def _let_go(self, stdio: Stdio, since: int) -> None:
         """Close the daemon's ends of a spawn that did not happen; its PTY relays (which
@@ -316,18 +326,32 @@ def _ignore(_status: object) -> None:
     pass
 
 
+def _peak_rss_kib(pid: int) -> int:
+    """``VmHWM`` of ``pid`` in KiB (0 if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            status = handle.read()
+        start = status.index(b"VmHWM:") + 6
+        return int(status[start : status.index(b"kB", start)])
+    except (OSError, ValueError):
+        return 0
+
+
 def _argv_and_env(argv: list[str], env: dict[str, str]) -> bytes:
-    """``argv`` and ``env`` as the request's NUL-terminated strings; raises ``ValueError``
-    as ``posix_spawn`` does for a NUL inside one or an ``=`` in a variable's name."""
-    parts = [os.fsencode(arg) for arg in argv]
-    for name, value in env.items():
-        if not name or "=" in name[1:]:
-            raise ValueError("illegal environment variable name")
-        parts.append(os.fsencode(f"{name}={value}"))
-    strings = b"\0".join(parts) + b"\0"
-    if strings.count(b"\0") != len(parts):
+    """``argv`` and ``env`` as the request's NUL-terminated strings, encoded as
+    ``os.fsencode`` would; raises ``ValueError`` as ``posix_spawn`` does for a NUL inside
+    one or an ``=`` in a variable's name. (One join and one encode for all of them: this
+    runs for every command, with the whole environment.)"""
+    if "" in env or "=" in "\0".join(env):  # (then look closer: "=x" is a fine name)
+        for name in env:
+            if not name or "=" in name[1:]:
+                raise ValueError("illegal environment variable name")
+    text = "\0".join(argv) + "\0"
+    if env:
+        text += "\0".join(map("=".join, env.items())) + "\0"
+    if text.count("\0") != len(argv) + len(env):
         raise ValueError("embedded null byte")
-    return strings
+    return text.encode(_FS_ENCODING, _FS_ERRORS)
 
 
 def collect_old_helpers(reaper: process.Reaper) -> int:
