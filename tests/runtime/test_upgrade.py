@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import h11
+import psutil
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
-from tests.helpers import exec_socket, http_request
+from tests.helpers import exec_socket, http_request, is_spawner_helper
 from tests.sdk.conftest import DaemonProcess, daemon_process
 
 FAULT = "SANDBOXD_TEST_UPGRADE_FAULT"
@@ -235,6 +236,11 @@ async def test_pipe_and_pty_commands_stream_byte_exact_across_three_upgrades(
         with trio.fail_after(30):
             await replay.run()
         assert sha(replay.stdout) == sha(PIPE_OUT) and sha(replay.stderr) == sha(PIPE_ERR)
+        # Each new image started its own spawner helper and collected the old one (a
+        # zombie by then), which is not an orphan: three upgrades, one helper, no orphan.
+        assert (await healthz(address))["orphans_reaped"] == 0
+        helpers = [p for p in psutil.Process(daemon.process.pid).children() if is_spawner_helper(p)]
+        assert len(helpers) == 1, helpers
     upgrades = [e for e in daemon.logs if e.get("msg") == "upgrade"]
     assert [e["result"] for e in upgrades] == ["ok", "ok", "ok"]
 
