@@ -195,24 +195,11 @@ class Stdio:
     relays: tuple[int, int] | None = None
 
     def child(
-        self,
-        pid: int,
-        pty: bool,
-        popen: subprocess.Popen[bytes] | None = None,
-        spawner_peak_kib: int = 0,
+        self, pid: int, pty: bool, popen: subprocess.Popen[bytes] | None = None, peak_kib: int = 0
     ) -> Child:
-        """The started ``Child`` that owns these fds."""
-        return Child(
-            pid,
-            self.output_fd,
-            self.error_fd,
-            self.input_fd,
-            pty,
-            popen,
-            spawner_peak_kib,
-            terminal_fd=self.terminal_fd,
-            relays=self.relays,
-        )
+        """The started ``Child`` that owns these fds (``peak_kib``: see Child)."""
+        fds = (self.output_fd, self.error_fd, self.input_fd)
+        return Child(pid, *fds, pty, popen, peak_kib, self.terminal_fd, self.relays)
 
     def close_parent_ends(self) -> None:
         for fd in self.parent_fds:

@@ -269,7 +269,7 @@ class SpawnHelper:
             if stage == _STAGE_EXEC:
                 raise SpawnFailed(f"cannot run {argv[0]!r}: {reason}")
             raise SpawnFailed(f"cannot start {argv[0]!r} ({_STAGES.get(stage, stage)}): {reason}")
-        return stdio.child(pid, request.pty, spawner_peak_kib=self._peak_kib)
+        return stdio.child(pid, request.pty, peak_kib=self._peak_kib)
 
     def _let_go(self, stdio: Stdio, since: int) -> None:
         """Close the daemon's ends of a spawn that did not happen; its PTY relays (which
