@@ -146,7 +146,7 @@ async def test_a_pty_command_run_as_another_user_has_its_terminal_and_its_ids(
     assert status.code == 0
 
 
-async def test_a_pty_command_talks_through_two_cat_relays_outside_its_session_and_tree() -> None:
+async def test_a_pty_commands_output_passes_through_a_relay_outside_its_session_and_tree() -> None:
     reaper = process.Reaper()
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
@@ -155,47 +155,46 @@ async def test_a_pty_command_talks_through_two_cat_relays_outside_its_session_an
             statuses: list[ExitStatus] = []
             reaper.watch(child, statuses.append)
             assert child.relays is not None and child.terminal_fd is not None
+            pid, no_input_relay = child.relays
+            assert no_input_relay == 0  # the daemon writes the master itself
             gone: list[int] = []
-            for pid in child.relays:
-                relay_child = spawn.Child(pid, -1, None, None, False)
-                reaper.watch(relay_child, lambda _status, pid=pid: gone.append(pid))
+            reaper.watch(spawn.Child(pid, -1, None, None, False), lambda _s: gone.append(pid))
             descendants = {p.pid for p in psutil.Process(child.pid).children(recursive=True)}
             relay_program = spawn.relay_program()
             assert relay_program is not None
-            for pid in child.relays:
-                relay = psutil.Process(pid)
-                assert relay.cmdline() == [spawn.RELAY_NAME]
-                assert relay.exe() == os.path.realpath(relay_program) == shutil.which("cat")
-                # Not named "cat": a `pkill cat` in the sandbox does not end PTY output.
-                assert pathlib.Path(f"/proc/{pid}/comm").read_text().strip() != "cat"
-                assert relay.ppid() == os.getpid() and pid not in descendants
-                assert os.getsid(pid) == pid  # a session of its own: no controlling terminal
-                assert relay.environ() == {}
-            # The daemon's ends are pipes; the master it keeps is never non-blocking (the
-            # relays share its open file, and cat gives up at an EAGAIN).
+            relay = psutil.Process(pid)
+            assert relay.cmdline() == [spawn.RELAY_NAME]
+            assert relay.exe() == os.path.realpath(relay_program) == str(spawn.HELPER_PROGRAM)
+            # Named by the fd it was exec'd by: never taken for the spawner helper.
+            assert pathlib.Path(f"/proc/{pid}/comm").read_text().strip().isdigit()
+            assert relay.ppid() == os.getpid() and pid not in descendants
+            assert os.getsid(pid) == pid  # a session of its own: no controlling terminal
+            assert relay.environ() == {}
+            # The daemon reads a pipe, and writes (and resizes) the master.
             assert stat.S_ISFIFO(os.fstat(child.output_fd).st_mode)
-            assert child.input_fd is not None and stat.S_ISFIFO(os.fstat(child.input_fd).st_mode)
+            assert child.input_fd is not None and stat.S_ISCHR(os.fstat(child.input_fd).st_mode)
             assert stat.S_ISCHR(os.fstat(child.terminal_fd).st_mode)
-            assert os.get_blocking(child.terminal_fd)
+            # Written without blocking, as the daemon does: the relay shares the master's
+            # open file (O_NONBLOCK and all) and waits instead of giving up at EAGAIN.
+            os.set_blocking(child.input_fd, False)
             term = Terminal(child)
+            await trio.sleep(0.2)  # (the relay meets EAGAIN while nothing is typed)
             term.type(b"hello\n")
             await term.expect(b"got=hello\r\n")
             while not statuses:
                 await trio.sleep(0.01)
-            # The output relay ends by itself once the slave is closed, after all it read.
+            # The relay ends by itself once the slave is closed, after all it read.
             assert await term.stream.receive_some(65536) == b""
-            while child.relays[0] not in gone:
-                await trio.sleep(0.01)
-            os.close(child.input_fd)  # and the input relay at the EOF of its pipe
-            while child.relays[1] not in gone:
+            while pid not in gone:
                 await trio.sleep(0.01)
             await term.stream.aclose()
+            os.close(child.input_fd)
             os.close(child.terminal_fd)
             nursery.cancel_scope.cancel()
     assert statuses[0].code == 0
 
 
-async def test_without_cat_a_pty_command_is_read_straight_from_the_master(
+async def test_without_the_helper_a_pty_command_is_read_straight_from_the_master(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(spawn, "relay_program", lambda: None)
@@ -415,10 +414,9 @@ def test_stray_relays_are_killed_and_their_terminal_hangs_up() -> None:
     child = spawn.spawn(shell_request("read line", pty=True, close_stdin=False))
     assert child.relays is not None and child.terminal_fd is not None
     try:
-        assert spawn.kill_stray_relays() == 2
-        for pid in child.relays:
-            _, status = os.waitpid(pid, 0)
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert spawn.kill_stray_relays() == 1
+        _, status = os.waitpid(child.relays[0], 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         close_fds(child)  # as the fresh start closes every fd it inherited
         # The hangup ends the shell: by its SIGHUP, or by its read failing first (EIO).
         _, status = os.waitpid(child.pid, 0)

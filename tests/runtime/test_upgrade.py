@@ -495,7 +495,7 @@ async def test_a_pty_session_keeps_its_terminal_and_its_relays_across_an_upgrade
             offset = len(client.transcript.text("stdout").encode())
         command_id = started["command_id"]
         relays = _relays_of(daemon.process.pid)
-        assert len(relays) == 2
+        assert len(relays) == 1  # the output relay (the daemon writes the master itself)
         daemon.process.send_signal(signal.SIGUSR2)
         health = await wait_generation(address, 1)
         assert health["last_upgrade"]["result"] == "ok"

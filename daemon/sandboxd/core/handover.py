@@ -125,8 +125,9 @@ class SessionRecord(_Strict):
     stdin_closing: bool = False
     terminal_open: bool = False
     spawner_peak_kib: _NonNegative = 0
-    #: A relayed PTY (runtime/spawn.py, "PTY relays"): stdout and input_fd are the relays'
-    #: pipes, ``terminal_fd`` the master; a relay's pid is 0 once it was reaped.
+    #: A relayed PTY (runtime/spawn.py, "PTY relays"): stdout is the output relay's pipe,
+    #: ``terminal_fd`` the master, input_fd a dup of it (or, from an older image, the input
+    #: relay's pipe); a relay's pid is 0 once it was reaped (or there is none).
     terminal_fd: _Fd = -1
     output_relay: _NonNegative = 0
     input_relay: _NonNegative = 0

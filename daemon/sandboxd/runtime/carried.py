@@ -83,8 +83,12 @@ def check_fds(records: list[SessionRecord]) -> None:
     claimed twice."""
     seen: set[int] = set()
     for record in records:
+        direct = record.pty and not record.relayed
+        # A relayed PTY's input is the master (or, from an image that relayed it too, a
+        # pipe to its input relay).
+        either = {record.input_fd} if record.relayed else set()
         streams = (record.stdout.fd, record.stderr.fd, record.input_fd)
-        claimed = [(fd, record.pty and not record.relayed) for fd in streams]
+        claimed = [(fd, direct) for fd in streams]
         claimed.append((record.terminal_fd, True))
         for fd, terminal in claimed:
             if fd < 0:
@@ -93,6 +97,8 @@ def check_fds(records: list[SessionRecord]) -> None:
                 raise ValueError(f"fd {fd} claimed twice or a standard fd")
             seen.add(fd)
             mode = os.fstat(fd).st_mode  # OSError: not open
+            if fd in either and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+                continue
             if not (stat.S_ISCHR(mode) if terminal else stat.S_ISFIFO(mode)):
                 raise ValueError(f"fd {fd} of {record.core.command_id} is not its pipe/PTY")
 

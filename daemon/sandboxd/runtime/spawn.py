@@ -20,7 +20,6 @@ import fcntl
 import functools
 import os
 import resource
-import shutil
 import signal
 import struct
 import subprocess
@@ -28,6 +27,7 @@ import termios
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -271,33 +271,39 @@ def open_stdio(request: SpawnRequest) -> Stdio:
 # with bench/pty_paths.py; docs/performance.md, "PTY"). A relay process reads the master
 # without stopping and fills a pipe that the daemon empties 256 KiB at a time.
 #
-# Two relays, because the master is one open file description: O_NONBLOCK set through any
-# fd of it is set on all, and the daemon's stdin writes need it, while ``cat`` gives up at
-# its first EAGAIN. So no fd of the master is ever made non-blocking: the output relay
-# reads it, the input relay writes it, both blocking, and the daemon keeps one more fd of
-# it for resizes and to hold the terminal until its session lets go (LiveSession).
+# The relay is the spawner helper's program run under another name (spawner.c), not
+# ``cat``: the master is one open file description, O_NONBLOCK set through any fd of it is
+# set on all, the daemon writes stdin to it without blocking, and ``cat`` gives up at its
+# first EAGAIN; our relay waits in poll() instead. (Input relayed through a second ``cat``,
+# as before, lost the command's last output now and then: 3 runs in 3,000 of ``cat; echo
+# rc=$?`` typed in pieces; none with the master written directly. See docs/performance.md.)
+# The daemon keeps one more fd of the master for resizes and to hold the terminal until
+# its session lets go (LiveSession).
 #
-# Each relay is ``cat`` in a session of its own (no controlling terminal, outside the
-# command's process group and tree: no signal for the command reaches it), with default
-# signal dispositions, an empty environment and stderr on /dev/null. It exits by itself:
-# the output relay when the master reports EIO (every holder of the slave closed it),
-# having written all it read; the input relay at the EOF of its pipe, or at EIO. The
-# session kills one that is left waiting on a terminal a background child still holds.
+# The relay runs in a session of its own (no controlling terminal, outside the command's
+# process group and tree: no signal for the command reaches it), with default signal
+# dispositions, an empty environment and stderr on /dev/null. It exits by itself when the
+# master reports EIO (every holder of the slave closed it), having written all it read;
+# the session kills one left waiting on a terminal that a background child still holds.
 
 #: The relays' argv[0]: what ``ps`` shows for them.
 RELAY_NAME = "sandboxd-pty-relay"
 
 
+#: The spawner helper's program (built by `make spawner`), which is also the relay.
+HELPER_PROGRAM = Path(__file__).with_name("sandboxd-spawner")
+
+
 @functools.cache
 def relay_program() -> str | None:
-    """The path to exec a relay by, or None (no ``cat``: PTYs are then read directly).
+    """The path to exec a relay by, or None (the helper is not built: PTYs are then
+    read directly).
 
-    ``cat`` from /usr/bin or /bin, held open (O_PATH) and run as ``/proc/self/fd/N``:
-    the kernel names a process after the last part of the path it was exec'd by, so a
-    relay is not a "cat" to ``pkill cat`` or ``killall cat`` in the sandbox (which would
-    end the output of every PTY command); and a ``cat`` replaced on disk later does not
-    change what runs."""
-    path = shutil.which("cat", path="/usr/bin:/bin")
+    The helper's program, held open (O_PATH) and run as ``/proc/self/fd/N``: the kernel
+    names a process after the last part of the path it was exec'd by, so a relay's
+    ``comm`` is a number, never the helper's own (spawner.collect_old_helpers goes by
+    it), and a program replaced on disk later does not change what runs."""
+    path = str(HELPER_PROGRAM) if os.access(HELPER_PROGRAM, os.X_OK) else None
     if path is None:
         return None
     try:
@@ -328,23 +334,20 @@ def kill_stray_relays() -> int:
 
 
 def _start_relays(program: str, master: int) -> tuple[int, int, tuple[int, int]]:
-    """Start the output and the input relay on ``master``: (the pipe end the daemon
-    reads, the pipe end it writes, (output relay pid, input relay pid)). On an error
-    nothing it opened stays open; a relay already started exits once its fds close."""
+    """Start the output relay on ``master``: (the pipe end the daemon reads, the fd of
+    the master it writes input to, (the relay's pid, 0: there is no input relay)). On an
+    error nothing it opened stays open."""
     output_r, output_w = os.pipe()
-    input_r, input_w = os.pipe()
     try:
         pipesize.widen(output_r)
         output_relay = _spawn_relay(program, master, output_w)
-        input_relay = _spawn_relay(program, input_r, master)
+        writes = os.dup(master)
     except OSError as exc:
         os.close(output_r)
-        os.close(input_w)
         raise SpawnFailed(f"cannot start the PTY relay: {exc.strerror}") from None
     finally:
         os.close(output_w)
-        os.close(input_r)
-    return output_r, input_w, (output_relay, input_relay)
+    return output_r, writes, (output_relay, 0)
 
 
 def _spawn_relay(program: str, source: int, sink: int) -> int:

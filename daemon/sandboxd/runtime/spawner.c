@@ -23,6 +23,12 @@
  * child starts so too. The helper closes every fd above 3 at its start, and every fd it
  * has but 0-2 is close-on-exec (received ones too: MSG_CMSG_CLOEXEC), so the command gets
  * 0-2 (and 3, the script) only.
+ *
+ * Run as "sandboxd-pty-relay" (its argv[0]), the same program is a PTY command's output
+ * relay instead (runtime/spawn.py, "PTY relays"): it copies fd 0, the master, to fd 1, a
+ * pipe the daemon reads, until the master's EIO (every holder of the slave is gone) or an
+ * EOF. The master is one open file with the daemon's, which writes the command's input
+ * to it without blocking, so the relay's reads may see EAGAIN: it then waits in poll().
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -33,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <dirent.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -227,7 +234,41 @@ static void close_other_fds(void) {
     closedir(dir);
 }
 
-int main(void) {
+/* Wait until `fd` is ready for `events`; 0, or -1 if it never will be. */
+static int wait_for(int fd, short events) {
+    struct pollfd ready = {fd, events, 0};
+    while (poll(&ready, 1, -1) < 0)
+        if (errno != EINTR) return -1;
+    return (ready.revents & POLLNVAL) ? -1 : 0;
+}
+
+/* The output relay: fd 0 to fd 1; 0 at the master's EIO or an EOF, 1 on another error. */
+static int relay(void) {
+    static char buffer[64 * 1024];
+    for (;;) {
+        ssize_t got = read(0, buffer, sizeof buffer);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN && wait_for(0, POLLIN) == 0) continue;
+            return errno == EIO ? 0 : 1;
+        }
+        if (got == 0) return 0;
+        for (char *at = buffer; got > 0;) {
+            ssize_t put = write(1, at, (size_t)got);
+            if (put < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN && wait_for(1, POLLOUT) == 0) continue;
+                return 1;
+            }
+            at += put;
+            got -= put;
+        }
+    }
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    if (argv[0] && strcmp(argv[0], "sandboxd-pty-relay") == 0) return relay();
     close_other_fds();
     if (fcntl(CHANNEL, F_SETFD, FD_CLOEXEC) < 0) return 2;
     while (serve_one() == 0) {

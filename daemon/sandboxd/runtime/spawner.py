@@ -43,7 +43,7 @@ log = logging.getLogger("sandboxd.spawner")
 
 #: The helper's argv[0] (what ``ps`` shows) and the file it is built as, beside this module.
 PROGRAM_NAME = "sandboxd-spawner"
-PROGRAM = Path(__file__).with_name(PROGRAM_NAME)
+PROGRAM = spawn.HELPER_PROGRAM
 
 # Request flags and failure stages, as spawner.c has them.
 _FLAG_PTY = 1
