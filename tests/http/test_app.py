@@ -103,7 +103,11 @@ async def test_a_signal_death_is_reported_with_its_name(daemon: Daemon) -> None:
             t = await client.collect()
     assert t.terminal["exit_code"] == 143 and t.terminal["signal"] == "TERM"
     assert t.terminal["reason"] == "exited"
-    assert t.terminal["cpu_seconds"] >= 0 and t.terminal["peak_rss_bytes"] is None
+    assert t.terminal["cpu_seconds"] >= 0
+    # Known only above the peak of what spawned it (the spawner helper's, about 1.5 MB; a
+    # bash then a sleep is about 3 MB): null below, never a made-up value.
+    peak = t.terminal["peak_rss_bytes"]
+    assert peak is None or 1 << 20 < peak < 64 << 20, peak
 
 
 async def test_the_exit_frame_reports_cpu_time_and_a_real_peak_rss() -> None:
