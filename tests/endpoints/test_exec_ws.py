@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -254,6 +255,27 @@ async def test_pty_is_a_controlling_tty_merges_stderr_and_eot_ends_cat(daemon: D
 HOLDER = (
     "(trap '' HUP; exec env -i setsid sleep 60) & echo $! > {pid_file}; sleep 0.2; echo leader-done"
 )
+
+
+async def test_output_the_relay_left_in_the_master_still_reaches_the_client(daemon: Daemon) -> None:
+    # The relay ends (here: stopped, then killed) with the command's last output still in
+    # the master, as a read that gets EIO too early leaves it: the daemon reads it there.
+    command_id = new_id()
+    with trio.fail_after(20):
+        async with exec_socket(daemon.ws) as client:
+            await client.start(command="read x; echo tail-$x", command_id=command_id, pty=True)
+            live = daemon.running.supervisor.sessions[command_id]
+            relay = live.output_relay
+            assert relay
+            os.kill(relay, signal.SIGSTOP)
+            while psutil.Process(relay).status() != psutil.STATUS_STOPPED:  # (reads nothing)
+                await trio.sleep(0.01)
+            await client.send(type="input", data="one\n")
+            await live.reaped.wait()  # the command wrote its line and exited
+            os.kill(relay, signal.SIGKILL)
+            t = await client.collect()
+    assert t.text("stdout") == "one\r\ntail-one\r\n"
+    assert t.terminal["exit_code"] == 0
 
 
 async def test_a_pty_child_left_holding_the_terminal_does_not_keep_its_relays_after_the_drain(
